@@ -1,0 +1,1 @@
+"""Attention math for consistent synthesis (pure torch, no ComfyUI import)."""

@@ -1,0 +1,19 @@
+"""ComfyUI nodes of the pack: thin V3 adapters over the math in attention/ and samplers/."""
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import masactrl, masactrl_batch
+
+NODES: list[type[io.ComfyNode]] = [
+    masactrl.MasaCtrlAttentionPatch,
+    masactrl_batch.MasaCtrlConditioningBatch,
+    masactrl_batch.MasaCtrlLatentBatch,
+]
+
+
+class ConsistentSynthesisExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

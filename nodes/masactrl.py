@@ -1,0 +1,223 @@
+"""MasaCtrlAttentionPatch: MasaCtrl mutual self-attention on a clone of the user's model."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from typing_extensions import override
+
+import comfy.ldm.modules.attention as host_attention
+import comfy.patcher_extension
+from comfy_api.latest import io
+
+from ..attention import masactrl
+from .unet_layers import LayerKey, self_attention_layers
+
+NODE = "MasaCtrlAttentionPatch"
+WRAPPER_KEY = "consistent_synthesis.masactrl"
+
+
+def _error(input_name: str, message: str) -> ValueError:
+    return ValueError(f"{NODE}: input '{input_name}': {message}")
+
+
+def _host_attention(extra_options: dict):
+    """ComfyUI's optimized attention (SDPA, xformers, ...) with this layer's settings."""
+    def attention(q, k, v, heads):
+        return host_attention.optimized_attention(
+            q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+            transformer_options=extra_options)
+    return attention
+
+
+def _as_masks(mask: torch.Tensor | None, input_name: str) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3 or min(mask.shape[-2:]) < 1:
+        raise _error(input_name, f"expected a MASK of shape (batch, height, width), got {tuple(mask.shape)}")
+    return mask.float()
+
+
+class _LayerPatch:
+    """The attn1 replacement for one layer: MasaCtrl inside the step window, else the previous attention."""
+
+    def __init__(self, settings: dict, previous=None):
+        self.settings = settings
+        self.previous = previous
+        self._masks: dict = {}
+
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone deep-copies model_options; the patch is immutable apart from its
+        # cache of resized masks, so clones share it.
+        return self
+
+    def _layer_masks(self, h: int, w: int, device, dtype):
+        key = (h, w, device, dtype)
+        if key not in self._masks:
+            source = masactrl.resize_mask(self.settings["source_mask"], h, w)[0]
+            target = masactrl.resize_mask(self.settings["target_mask"], h, w)
+            self._masks[key] = (source.to(device, dtype), target.to(device, dtype))
+        return self._masks[key]
+
+    def __call__(self, q, k, v, extra_options):
+        s = self.settings
+        sample_sigmas = extra_options.get("sample_sigmas")
+        sigmas = extra_options.get("sigmas")
+        active = sample_sigmas is not None and sigmas is not None
+        if active:
+            step = masactrl.sampling_step(sample_sigmas, sigmas.max())
+            active = s["start_step"] <= step and (s["end_step"] < 0 or step < s["end_step"])
+        if not active:
+            if self.previous is not None:
+                return self.previous(q, k, v, extra_options)
+            return _host_attention(extra_options)(q, k, v, extra_options["n_heads"])
+
+        source_mask = target_mask = None
+        if s["source_mask"] is not None:
+            h, w = extra_options["activations_shape"][-2:]
+            source_mask, target_mask = self._layer_masks(h, w, q.device, q.dtype)
+        try:
+            return masactrl.mutual_self_attention(
+                q, k, v, extra_options["n_heads"], chunks=len(extra_options["cond_or_uncond"]),
+                source_index=s["source_index"], mode=s["mode"], attention=_host_attention(extra_options),
+                source_mask=source_mask, target_mask=target_mask)
+        except ValueError as e:
+            raise ValueError(f"{NODE}: {e}") from e
+
+
+def _check_latent(settings: dict, latent: torch.Tensor) -> None:
+    """Reject a batch that MasaCtrl cannot use before any step is computed."""
+    batch = latent.shape[0]
+    if batch < 2:
+        raise _error("model", "the latent batch holds one image, so there is no target to control. Put the "
+                     "source and its targets in one batch (MasaCtrl Latent Batch, MasaCtrl Conditioning Batch).")
+    if settings["source_index"] >= batch:
+        raise _error("source_index", f"{settings['source_index']} is outside the latent batch of {batch}; "
+                     f"use 0 to {batch - 1}.")
+    lh, lw = latent.shape[-2:]
+    for name in ("source_mask", "target_mask"):
+        mask = settings[name]
+        if mask is None:
+            continue
+        mh, mw = mask.shape[-2:]
+        if abs(mh / mw - lh / lw) > 0.02 * lh / lw:
+            raise _error(name, f"its {mw}x{mh} aspect does not match the {lw * 8}x{lh * 8} image being "
+                         "sampled; resize or crop the mask to the image.")
+    targets = batch - 1
+    if settings["target_mask"] is not None and settings["target_mask"].shape[0] not in (1, targets):
+        raise _error("target_mask", f"holds {settings['target_mask'].shape[0]} masks for {targets} targets; "
+                     f"give one mask for all targets or one for each.")
+
+
+def _outer_sample_wrapper(settings: dict, layer_count: int):
+    def wrapper(executor, *args, **kwargs):
+        latent, sigmas = args[1], args[3]
+        _check_latent(settings, latent)
+        steps = len(sigmas) - 1
+        end_step = steps if settings["end_step"] < 0 else min(settings["end_step"], steps)
+        if settings["start_step"] >= end_step or settings["start_layer"] >= settings["end_layer"]:
+            logging.warning("%s: nothing is patched in this run (steps %d-%d of %d, layers %d-%d of %d).", NODE,
+                            settings["start_step"], end_step, steps, settings["start_layer"],
+                            settings["end_layer"], layer_count)
+        else:
+            logging.info("%s: %s self-attention on steps %d-%d of %d, layers %d-%d of %d.", NODE, settings["mode"],
+                         settings["start_step"], end_step - 1, steps, settings["start_layer"],
+                         settings["end_layer"] - 1, layer_count)
+        return executor(*args, **kwargs)
+    return wrapper
+
+
+def patch_model(model, *, start_step: int = 4, start_layer: int = 10, end_step: int = -1, end_layer: int = -1,
+                mode: str = "mutual", source_index: int = 0, source_mask=None, target_mask=None):
+    """A clone of ``model`` with MasaCtrl on the self-attention layers ``[start_layer, end_layer)``."""
+    layers: list[LayerKey] = self_attention_layers(model.get_model_object("diffusion_model"))
+    count = len(layers)
+    if count == 0:
+        raise _error("model", "this model has no UNet transformer blocks; MasaCtrl supports SD1.x, SD2.x "
+                     "and SDXL UNets.")
+    if start_layer > count:
+        raise _error("start_layer", f"{start_layer} is past this model's {count} self-attention layers; "
+                     f"use 0 to {count - 1} (SD1.x/2.x have 16, SDXL 70).")
+    end_layer = count if end_layer < 0 else end_layer
+    if end_layer > count:
+        raise _error("end_layer", f"{end_layer} is past this model's {count} self-attention layers; "
+                     f"use at most {count}, or -1 for the last layer.")
+    if end_layer <= start_layer and start_layer < count:
+        raise _error("end_layer", f"{end_layer} leaves no layer after start_layer {start_layer}; "
+                     "use -1 or a larger value.")
+    if 0 <= end_step <= start_step:
+        raise _error("end_step", f"{end_step} leaves no step after start_step {start_step}; use -1 or a larger value.")
+    if mode not in masactrl.MODES:
+        raise _error("mode", f"{mode!r} is not one of {masactrl.MODES}.")
+    source_mask = _as_masks(source_mask, "source_mask")
+    target_mask = _as_masks(target_mask, "target_mask")
+    if (source_mask is None) != (target_mask is None):
+        missing = "target_mask" if target_mask is None else "source_mask"
+        raise _error(missing, "mask-guided MasaCtrl needs both source_mask and target_mask; connect both or neither.")
+    if source_mask is not None:
+        if mode != "mutual":
+            raise _error("mode", "mask-guided MasaCtrl is defined for mode 'mutual' (paper Sec. 4.2); "
+                         "set mode to mutual or disconnect the masks.")
+        if source_mask.shape[0] != 1:
+            raise _error("source_mask", f"holds {source_mask.shape[0]} masks; give the one mask of the source.")
+
+    settings = dict(start_step=start_step, end_step=end_step, start_layer=start_layer, end_layer=end_layer,
+                    mode=mode, source_index=source_index, source_mask=source_mask, target_mask=target_mask)
+    patched = model.clone()
+    existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    for key in layers[start_layer:end_layer]:
+        previous = existing.get(key, existing.get(key[:2]))
+        patched.set_model_attn1_replace(_LayerPatch(settings, previous), *key)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                                 _outer_sample_wrapper(settings, count))
+    return patched
+
+
+class MasaCtrlAttentionPatch(io.ComfyNode):
+    """MasaCtrl (Cao et al., ICCV 2023): targets borrow the source's self-attention keys and values."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE,
+            display_name="MasaCtrl Attention Patch",
+            category="consistent synthesis/MasaCtrl",
+            description=("Mutual self-attention control: from start_step and start_layer on, each target image in "
+                         "the batch queries the self-attention keys and values of the source image, so the "
+                         "source's identity and texture carry over while the target prompts change pose or action."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x or SDXL) to patch; a clone is "
+                               "patched, so the original stays as it is. LoRA and other patches are kept."),
+                io.Int.Input("start_step", default=4, min=0, max=10000, tooltip=(
+                    "First sampling step (0-based) with mutual self-attention. Earlier steps lay out the "
+                    "target freely. Paper: 4 of 50.")),
+                io.Int.Input("start_layer", default=10, min=0, max=1000, tooltip=(
+                    "First self-attention layer, counted in execution order (down, mid, up): 16 in SD1.x/2.x, "
+                    "70 in SDXL. Paper: 10 for SD (the decoder); 44, 54 or 64 for SDXL.")),
+                io.Int.Input("end_step", default=-1, min=-1, max=10000, tooltip=(
+                    "Step at which mutual self-attention stops (exclusive); -1 runs it to the last step.")),
+                io.Int.Input("end_layer", default=-1, min=-1, max=1000, tooltip=(
+                    "Layer at which mutual self-attention stops (exclusive); -1 runs it to the last layer.")),
+                io.Combo.Input("mode", options=list(masactrl.MODES), default="mutual", tooltip=(
+                    "mutual: targets attend to the source's keys and values (paper). union: targets attend to "
+                    "the source's and their own, which keeps more of the target's own content.")),
+                io.Int.Input("source_index", default=0, min=0, max=4095, tooltip=(
+                    "Position of the source image in the latent batch; every other image is a target.")),
+                io.Mask.Input("source_mask", optional=True, tooltip=(
+                    "Foreground of the source (1 = object). With target_mask: mask-guided MasaCtrl, where "
+                    "the target's foreground draws only on the source's foreground and background on background.")),
+                io.Mask.Input("target_mask", optional=True, tooltip=(
+                    "Foreground of the target(s): one mask for all targets, or one per target in batch order.")),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched clone of the model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, start_step, start_layer, end_step, end_layer, mode, source_index,
+                source_mask=None, target_mask=None) -> io.NodeOutput:
+        return io.NodeOutput(patch_model(
+            model, start_step=start_step, start_layer=start_layer, end_step=end_step, end_layer=end_layer,
+            mode=mode, source_index=source_index, source_mask=source_mask, target_mask=target_mask))

@@ -1,0 +1,127 @@
+"""Put a MasaCtrl source and its targets into one batch for a stock KSampler."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from typing_extensions import override
+
+from comfy_api.latest import io
+
+BATCHED_KEYS = ("pooled_output",)
+
+
+def _pad_tokens(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Repeat each token sequence up to a common length (their lcm), as ComfyUI batches prompts.
+
+    Repeating the whole key/value sequence leaves softmax cross-attention unchanged, so every
+    prompt conditions its image exactly as it would alone.
+    """
+    length = math.lcm(*(t.shape[1] for t in tensors))
+    return [t.repeat(1, length // t.shape[1], 1) for t in tensors]
+
+
+def stack_conditioning(source: list, target: list, node: str = "MasaCtrlConditioningBatch") -> list:
+    """CONDITIONING whose batch is the source's prompts followed by the target's."""
+    if len(source) != len(target):
+        raise ValueError(f"{node}: input 'target' has {len(target)} conditioning entries and 'source' "
+                         f"{len(source)}; stack prompts made the same way (one CLIP Text Encode each).")
+    out = []
+    for (c_s, d_s), (c_t, d_t) in zip(source, target):
+        if c_s.shape[-1] != c_t.shape[-1]:
+            raise ValueError(f"{node}: input 'target' has text embeddings of width {c_t.shape[-1]} and 'source' "
+                             f"{c_s.shape[-1]}; encode both with the same CLIP model.")
+        d = dict(d_s)
+        for key in BATCHED_KEYS:
+            if (key in d_s) != (key in d_t):
+                raise ValueError(f"{node}: only one of 'source' and 'target' carries '{key}'; encode both "
+                                 "with the same CLIP model.")
+            if key in d_s:
+                d[key] = torch.cat([d_s[key], d_t[key]])
+        ignored = sorted(k for k in d_t if k not in BATCHED_KEYS and k not in d_s)
+        if ignored:
+            logging.warning("%s: the target's %s are not carried over; apply them after batching.", node, ignored)
+        out.append([torch.cat(_pad_tokens([c_s, c_t])), d])
+    return out
+
+
+class MasaCtrlConditioningBatch(io.ComfyNode):
+    """Source prompt and target prompt(s) as one batched CONDITIONING."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MasaCtrlConditioningBatch",
+            display_name="MasaCtrl Conditioning Batch",
+            category="consistent synthesis/MasaCtrl",
+            description=("Stacks the source prompt and the target prompt along the batch, so one KSampler "
+                         "draws the source and its targets together. Chain it for more targets; apply "
+                         "ControlNet after batching."),
+            inputs=[
+                io.Conditioning.Input("source", tooltip=(
+                    "Prompt of the source image (batch position 0), or an earlier batch to extend.")),
+                io.Conditioning.Input("target", tooltip=(
+                    "Prompt of the next target image(s), appended after the source.")),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="One prompt per latent in the batch, source first.")],
+        )
+
+    @classmethod
+    def execute(cls, source, target) -> io.NodeOutput:
+        return io.NodeOutput(stack_conditioning(source, target))
+
+
+def latent_batch(source: dict, targets: int, source_is_reference: bool, share_noise: bool,
+                 node: str = "MasaCtrlLatentBatch") -> dict:
+    """A LATENT of the source followed by ``targets`` target latents."""
+    samples = source["samples"]
+    if samples.shape[0] != 1:
+        raise ValueError(f"{node}: input 'source' holds {samples.shape[0]} latents; give one (batch size 1).")
+    if targets < 1:
+        raise ValueError(f"{node}: input 'targets' is {targets}; MasaCtrl needs at least one target.")
+    batch = 1 + targets
+    template = samples if source_is_reference else torch.zeros_like(samples)
+    out = {"samples": torch.cat([template] + [torch.zeros_like(samples)] * targets)}
+    if share_noise:
+        out["batch_index"] = [0] * batch
+    if source_is_reference:
+        mask = torch.ones((batch, 1) + tuple(samples.shape[2:]), dtype=torch.float32)
+        mask[0] = 0.0
+        out["noise_mask"] = mask
+    elif "noise_mask" in source:
+        raise ValueError(f"{node}: input 'source' carries a noise_mask; for a real image as the source set "
+                         "'source_is_reference' to true, otherwise give an Empty Latent Image.")
+    return out
+
+
+class MasaCtrlLatentBatch(io.ComfyNode):
+    """The latent batch for MasaCtrl: source at position 0, then the targets."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MasaCtrlLatentBatch",
+            display_name="MasaCtrl Latent Batch",
+            category="consistent synthesis/MasaCtrl",
+            description=("Builds the latent batch for MasaCtrl: the source first, then the targets. With a "
+                         "reference image as the source, the source is held as known through noise_mask = 0 "
+                         "and re-noised at every step; the targets (noise_mask = 1) are generated."),
+            inputs=[
+                io.Latent.Input("source", tooltip=(
+                    "One latent: an Empty Latent Image to synthesize the source too, or the VAE-encoded "
+                    "reference image (then set source_is_reference).")),
+                io.Int.Input("targets", default=1, min=1, max=63, tooltip="Number of target images."),
+                io.Boolean.Input("source_is_reference", default=False, tooltip=(
+                    "True: the source is a real image, kept as known and re-noised each step "
+                    "(use denoise 1.0). False: the source is generated along with the targets.")),
+                io.Boolean.Input("share_noise", default=True, tooltip=(
+                    "Give every image in the batch the same initial noise, as the MasaCtrl paper does.")),
+            ],
+            outputs=[io.Latent.Output(tooltip="Source then targets, for a stock KSampler.")],
+        )
+
+    @classmethod
+    def execute(cls, source, targets, source_is_reference, share_noise) -> io.NodeOutput:
+        return io.NodeOutput(latent_batch(source, targets, source_is_reference, share_noise))

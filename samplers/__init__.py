@@ -1,0 +1,1 @@
+"""Sampling math for consistent synthesis (pure torch, no ComfyUI import)."""
