@@ -65,3 +65,13 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"{len(skipped)} test module(s) did not run because {HOST_HOW}. "
             "They prove nothing until a host is installed.", red=True, bold=True)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """A real ComfyUI server (``main.py --cpu`` on loopback) with the pack installed, for the session."""
+    from server import ComfyServer
+
+    server = ComfyServer(require_host(), REPO, tmp_path_factory.mktemp("comfyui")).start()
+    yield server
+    server.stop()

@@ -53,8 +53,8 @@ MODEL_CONFIG_CLASSES = {
 SELF_ATTENTION_LAYERS = {"sd15": 16, "sd21": 16, "sdxl": 70}
 
 
-def tiny_model(kind: str = "sd15", model_type=comfy.model_base.ModelType.EPS, seed: int = 0,
-               scale: float = 0.05) -> comfy.model_patcher.ModelPatcher:
+def tiny_model(kind: str = "sd15", model_type=comfy.model_base.ModelType.EPS,
+               seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher over a random-weight UNet of the given family, on the CPU."""
     config = dict(UNET_CONFIGS[kind])
     model_config = MODEL_CONFIG_CLASSES[kind](config)
@@ -65,12 +65,24 @@ def tiny_model(kind: str = "sd15", model_type=comfy.model_base.ModelType.EPS, se
         model = comfy.model_base.SDXL(model_config, model_type=model_type)
     else:
         model = comfy.model_base.BaseModel(model_config, model_type=model_type)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    randomize(model, seed)
     device = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Fan-in scaled random weights, unit norms: activations stay O(1) through the whole UNet,
+    so every layer (attention included) visibly shapes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+            elif p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        for m in module.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.fill_(1.0)
 
 
 def conditioning(kind: str, batch: int = 1, seed: int = 0, tokens: int = 77) -> list:

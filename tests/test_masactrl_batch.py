@@ -1,0 +1,93 @@
+"""Getting a MasaCtrl source and its targets into one batch for a stock KSampler."""
+
+import pytest
+import torch
+
+from conftest import require_host
+
+require_host()
+
+import comfy.sample  # noqa: E402
+
+import tiny_models as tm  # noqa: E402
+from consistent_synthesis.nodes.masactrl import MasaCtrlAttentionPatch  # noqa: E402
+from consistent_synthesis.nodes.masactrl_batch import (  # noqa: E402
+    MasaCtrlConditioningBatch, MasaCtrlLatentBatch)
+
+
+def stack(source, target):
+    return MasaCtrlConditioningBatch.execute(source, target).result[0]
+
+
+def latents(source, targets=1, source_is_reference=False, share_noise=True):
+    return MasaCtrlLatentBatch.execute(source, targets, source_is_reference, share_noise).result[0]
+
+
+def run(model, latent, positive, negative, kind="sd15", steps=3, cfg=4.0, seed=7):
+    """What ComfyUI's KSampler node does with a LATENT dict (nodes.common_ksampler)."""
+    samples = latent["samples"]
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, samples,
+                               noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return tm.tiny_model("sd15")
+
+
+def test_stacked_prompts_condition_each_image_as_if_sampled_alone(sd15):
+    """A 77-token source and a 154-token target, batched: each row equals its own single run."""
+    source, target = tm.conditioning("sd15", seed=1), tm.conditioning("sd15", seed=2, tokens=154)
+    negative = tm.conditioning("sd15", seed=3)
+    batched = stack(source, target)
+    assert batched[0][0].shape == (2, 154, tm.CONTEXT_DIM)
+    single = {"samples": torch.zeros(1, 4, 16, 16)}
+    together = run(sd15, latents(single), batched, negative)
+    alone_source = run(sd15, single, source, negative)
+    alone_target = run(sd15, single, target, negative)
+    for row, alone in ((0, alone_source[0]), (1, alone_target[0])):
+        # float32 round-off only: relative to the sample's scale
+        assert (together[row] - alone).abs().max() < 1e-5 * alone.abs().max()
+
+
+def test_stacking_chains_for_more_targets_and_batches_sdxl_pooled_vectors():
+    a, b, c = (tm.conditioning("sdxl", seed=s) for s in (1, 2, 3))
+    out = stack(stack(a, b), c)
+    assert out[0][0].shape[0] == 3
+    assert torch.equal(out[0][1]["pooled_output"],
+                       torch.cat([a[0][1]["pooled_output"], b[0][1]["pooled_output"], c[0][1]["pooled_output"]]))
+
+
+def test_stacking_prompts_from_different_clip_models_fails_clearly():
+    with pytest.raises(ValueError, match="MasaCtrlConditioningBatch.*same CLIP"):
+        stack(tm.conditioning("sd15"), [[torch.zeros(1, 77, 64), {}]])
+    with pytest.raises(ValueError, match="pooled_output"):
+        stack(tm.conditioning("sd15"), tm.conditioning("sdxl"))
+
+
+def test_latent_batch_shares_the_initial_noise_across_the_batch():
+    latent = latents({"samples": torch.zeros(1, 4, 16, 16)}, targets=3)
+    assert latent["samples"].shape == (4, 4, 16, 16)
+    noise = comfy.sample.prepare_noise(latent["samples"], 0, latent["batch_index"])
+    for i in range(1, 4):
+        assert torch.equal(noise[i], noise[0])
+    own = latents({"samples": torch.zeros(1, 4, 16, 16)}, targets=1, share_noise=False)
+    assert "batch_index" not in own
+
+
+def test_reference_source_is_held_known_and_returned_exactly(sd15):
+    reference = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    latent = latents({"samples": reference}, targets=2, source_is_reference=True)
+    assert latent["noise_mask"][:, 0, 0, 0].tolist() == [0.0, 1.0, 1.0]
+    model = MasaCtrlAttentionPatch.execute(sd15, 0, 10, -1, -1, "mutual", 0).result[0]
+    prompts = stack(stack(tm.conditioning("sd15", seed=1), tm.conditioning("sd15", seed=2)),
+                    tm.conditioning("sd15", seed=3))
+    out = run(model, latent, prompts, tm.conditioning("sd15", seed=4))
+    torch.testing.assert_close(out[0], reference[0])
+    assert not torch.allclose(out[1], out[2], atol=1e-3)
+
+
+def test_latent_batch_rejects_a_batch_as_source():
+    with pytest.raises(ValueError, match="MasaCtrlLatentBatch.*'source'.*batch size 1"):
+        latents({"samples": torch.zeros(2, 4, 16, 16)})
