@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from typing_extensions import override
 
 import comfy.ldm.modules.attention as host_attention
 import comfy.patcher_extension
@@ -44,9 +43,10 @@ def _as_masks(mask: torch.Tensor | None, input_name: str) -> torch.Tensor | None
 class _LayerPatch:
     """The attn1 replacement for one layer: MasaCtrl inside the step window, else the previous attention."""
 
-    def __init__(self, settings: dict, previous=None):
+    def __init__(self, settings: dict, previous=None, attention=None):
         self.settings = settings
         self.previous = previous
+        self.attention = attention
         self._masks: dict = {}
 
     def __deepcopy__(self, memo):
@@ -82,7 +82,8 @@ class _LayerPatch:
         try:
             return masactrl.mutual_self_attention(
                 q, k, v, extra_options["n_heads"], chunks=len(extra_options["cond_or_uncond"]),
-                source_index=s["source_index"], mode=s["mode"], attention=_host_attention(extra_options),
+                source_index=s["source_index"], mode=s["mode"],
+                attention=self.attention or _host_attention(extra_options),
                 source_mask=source_mask, target_mask=target_mask)
         except ValueError as e:
             raise ValueError(f"{NODE}: {e}") from e
@@ -131,8 +132,12 @@ def _outer_sample_wrapper(settings: dict, layer_count: int):
 
 
 def patch_model(model, *, start_step: int = 4, start_layer: int = 10, end_step: int = -1, end_layer: int = -1,
-                mode: str = "mutual", source_index: int = 0, source_mask=None, target_mask=None):
-    """A clone of ``model`` with MasaCtrl on the self-attention layers ``[start_layer, end_layer)``."""
+                mode: str = "mutual", source_index: int = 0, source_mask=None, target_mask=None, attention=None):
+    """A clone of ``model`` with MasaCtrl on the self-attention layers ``[start_layer, end_layer)``.
+
+    ``attention(q, k, v, heads)`` replaces ComfyUI's optimized attention inside MasaCtrl layers
+    (benchmarks compare it with the official code's materialized attention matrix).
+    """
     layers: list[LayerKey] = self_attention_layers(model.get_model_object("diffusion_model"))
     count = len(layers)
     if count == 0:
@@ -170,7 +175,7 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = 10, end_step: 
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     for key in layers[start_layer:end_layer]:
         previous = existing.get(key, existing.get(key[:2]))
-        patched.set_model_attn1_replace(_LayerPatch(settings, previous), *key)
+        patched.set_model_attn1_replace(_LayerPatch(settings, previous, attention), *key)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                                  _outer_sample_wrapper(settings, count))
     return patched

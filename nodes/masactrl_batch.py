@@ -6,7 +6,6 @@ import logging
 import math
 
 import torch
-from typing_extensions import override
 
 from comfy_api.latest import io
 

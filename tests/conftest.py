@@ -1,14 +1,11 @@
 """Test setup: load this repository as the package ``consistent_synthesis`` and find the host.
 
-The pack's own ``nodes/`` would collide with ComfyUI's top-level ``nodes`` module, so the
-pack is imported as a package under its own name, the way ComfyUI's loader imports it.
 Tests that need ComfyUI call ``require_host()`` at module level: it makes the host
 importable, or skips the module with a loud reason (a failure when CS_REQUIRE_HOST=1).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -17,27 +14,15 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-PACKAGE = "consistent_synthesis"
 
 sys.path.insert(0, str(TESTS))
 
 import host as _host  # noqa: E402
 
 
-def _load_pack() -> None:
-    if PACKAGE in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location(
-        PACKAGE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-
-
-_load_pack()
+_host.load_pack()
 
 HOST_PATH, HOST_HOW = _host.find_host()
-_SKIPPED_FOR_HOST: list[str] = []
 
 
 def require_host() -> Path:
@@ -45,7 +30,6 @@ def require_host() -> Path:
     if HOST_PATH is None:
         if os.environ.get("CS_REQUIRE_HOST") == "1":
             pytest.fail(f"CS_REQUIRE_HOST=1 but {HOST_HOW}", pytrace=False)
-        _SKIPPED_FOR_HOST.append(os.environ.get("PYTEST_CURRENT_TEST", "a module"))
         pytest.skip(f"HOST TESTS SKIPPED: {HOST_HOW}", allow_module_level=True)
     _host.activate(HOST_PATH)
     return HOST_PATH

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -49,3 +50,21 @@ def activate(path: Path) -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
+
+
+PACKAGE = "consistent_synthesis"
+
+
+def load_pack():
+    """Import this repository as the package ``consistent_synthesis``, as ComfyUI's loader would.
+
+    The pack's ``nodes/`` would collide with ComfyUI's top-level ``nodes`` module, so the pack
+    is never put on sys.path itself.
+    """
+    if PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            PACKAGE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACKAGE]

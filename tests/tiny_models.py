@@ -52,11 +52,19 @@ MODEL_CONFIG_CLASSES = {
 
 SELF_ATTENTION_LAYERS = {"sd15": 16, "sd21": 16, "sdxl": 70}
 
+# The released models' widths, for benchmarks and the full-size end-to-end tier.
+FULL_SIZE = {
+    "sd15": {"model_channels": 320, "context_dim": 768, "num_heads": 8, "num_head_channels": -1},
+    "sd21": {"model_channels": 320, "context_dim": 1024, "num_heads": -1, "num_head_channels": 64},
+    "sdxl": {"model_channels": 320, "context_dim": 2048, "num_heads": -1, "num_head_channels": 64},
+}
 
-def tiny_model(kind: str = "sd15", model_type=comfy.model_base.ModelType.EPS,
-               seed: int = 0) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher over a random-weight UNet of the given family, on the CPU."""
-    config = dict(UNET_CONFIGS[kind])
+
+def tiny_model(kind: str = "sd15", model_type=comfy.model_base.ModelType.EPS, seed: int = 0,
+               full_size: bool = False, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher over a random-weight UNet of the given family (tiny unless ``full_size``)."""
+    config = dict(UNET_CONFIGS[kind]) | (FULL_SIZE[kind] if full_size else {}) | {"dtype": dtype}
     model_config = MODEL_CONFIG_CLASSES[kind](config)
     # the family's class forces its head layout (64 channels a head); keep the shrunk one
     for key in ("num_heads", "num_head_channels"):
@@ -66,8 +74,9 @@ def tiny_model(kind: str = "sd15", model_type=comfy.model_base.ModelType.EPS,
     else:
         model = comfy.model_base.BaseModel(model_config, model_type=model_type)
     randomize(model, seed)
-    device = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    model.to(device=device, dtype=dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device),
+                                            offload_device=torch.device("cpu"))
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:
@@ -85,10 +94,11 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
                 m.weight.fill_(1.0)
 
 
-def conditioning(kind: str, batch: int = 1, seed: int = 0, tokens: int = 77) -> list:
+def conditioning(kind: str, batch: int = 1, seed: int = 0, tokens: int = 77, full_size: bool = False) -> list:
     """A CONDITIONING of random text embeddings (with an SDXL pooled vector when needed)."""
     gen = torch.Generator().manual_seed(seed)
     extra = {}
     if kind == "sdxl":
         extra["pooled_output"] = torch.randn(batch, 1280, generator=gen)
-    return [[torch.randn(batch, tokens, CONTEXT_DIM, generator=gen), extra]]
+    width = FULL_SIZE[kind]["context_dim"] if full_size else CONTEXT_DIM
+    return [[torch.randn(batch, tokens, width, generator=gen), extra]]
