@@ -72,26 +72,54 @@ class MasaCtrlConditioningBatch(io.ComfyNode):
         return io.NodeOutput(stack_conditioning(source, target))
 
 
+def _target_rows(target: dict, targets: int, size: tuple, node: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target latents and their noise masks (1 = generate), ``targets`` rows of ``size``."""
+    samples = target["samples"]
+    if tuple(samples.shape[1:]) != size:
+        raise ValueError(f"{node}: input 'target' is a {tuple(samples.shape[1:])} latent but the source is "
+                         f"{size}; encode both images at the same size (e.g. scale the reference to the canvas).")
+    if samples.shape[0] not in (1, targets):
+        raise ValueError(f"{node}: input 'target' holds {samples.shape[0]} latents for {targets} targets; "
+                         "give one latent for all targets or one for each.")
+    mask = target.get("noise_mask")
+    if mask is None:
+        mask = torch.ones((samples.shape[0], 1) + size[1:])
+    else:
+        mask = mask.reshape((-1, 1) + tuple(mask.shape[-2:])).float()
+        if tuple(mask.shape[-2:]) != size[1:]:
+            mask = torch.nn.functional.interpolate(mask, size=size[1:], mode="bilinear")
+    return samples.expand((targets,) + size), mask.expand((targets, 1) + size[1:])
+
+
 def latent_batch(source: dict, targets: int, source_is_reference: bool, share_noise: bool,
-                 node: str = "MasaCtrlLatentBatch") -> dict:
-    """A LATENT of the source followed by ``targets`` target latents."""
+                 target: dict | None = None, node: str = "MasaCtrlLatentBatch") -> dict:
+    """A LATENT of the source followed by ``targets`` target latents.
+
+    Each row's ``noise_mask`` says what the sampler generates: a reference source is held known
+    (0), a target given with its own mask (an inpainting or outpainting canvas) keeps that mask.
+    """
     samples = source["samples"]
     if samples.shape[0] != 1:
         raise ValueError(f"{node}: input 'source' holds {samples.shape[0]} latents; give one (batch size 1).")
     if targets < 1:
         raise ValueError(f"{node}: input 'targets' is {targets}; MasaCtrl needs at least one target.")
-    batch = 1 + targets
-    template = samples if source_is_reference else torch.zeros_like(samples)
-    out = {"samples": torch.cat([template] + [torch.zeros_like(samples)] * targets)}
-    if share_noise:
-        out["batch_index"] = [0] * batch
-    if source_is_reference:
-        mask = torch.ones((batch, 1) + tuple(samples.shape[2:]), dtype=torch.float32)
-        mask[0] = 0.0
-        out["noise_mask"] = mask
-    elif "noise_mask" in source:
+    if "noise_mask" in source and not source_is_reference:
         raise ValueError(f"{node}: input 'source' carries a noise_mask; for a real image as the source set "
                          "'source_is_reference' to true, otherwise give an Empty Latent Image.")
+    size = tuple(samples.shape[1:])
+    if target is None:
+        target_samples = torch.zeros((targets,) + size)
+        target_mask = torch.ones((targets, 1) + size[1:])
+    else:
+        target_samples, target_mask = _target_rows(target, targets, size, node)
+    source_samples = samples if source_is_reference else torch.zeros_like(samples)
+    source_mask = torch.full((1, 1) + size[1:], 0.0 if source_is_reference else 1.0)
+    out = {"samples": torch.cat([source_samples, target_samples.to(samples.dtype)])}
+    if share_noise:
+        out["batch_index"] = [0] * (1 + targets)
+    mask = torch.cat([source_mask, target_mask])
+    if bool((mask < 1).any()):
+        out["noise_mask"] = mask
     return out
 
 
@@ -117,10 +145,13 @@ class MasaCtrlLatentBatch(io.ComfyNode):
                     "(use denoise 1.0). False: the source is generated along with the targets.")),
                 io.Boolean.Input("share_noise", default=True, tooltip=(
                     "Give every image in the batch the same initial noise, as the MasaCtrl paper does.")),
+                io.Latent.Input("target", optional=True, tooltip=(
+                    "Optional start of the targets, e.g. an outpainting canvas from VAE Encode + Set Latent "
+                    "Noise Mask: its noise_mask (1 = generate) is kept. Empty: targets are generated whole.")),
             ],
             outputs=[io.Latent.Output(tooltip="Source then targets, for a stock KSampler.")],
         )
 
     @classmethod
-    def execute(cls, source, targets, source_is_reference, share_noise) -> io.NodeOutput:
-        return io.NodeOutput(latent_batch(source, targets, source_is_reference, share_noise))
+    def execute(cls, source, targets, source_is_reference, share_noise, target=None) -> io.NodeOutput:
+        return io.NodeOutput(latent_batch(source, targets, source_is_reference, share_noise, target))

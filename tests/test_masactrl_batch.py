@@ -19,8 +19,8 @@ def stack(source, target):
     return MasaCtrlConditioningBatch.execute(source, target).result[0]
 
 
-def latents(source, targets=1, source_is_reference=False, share_noise=True):
-    return MasaCtrlLatentBatch.execute(source, targets, source_is_reference, share_noise).result[0]
+def latents(source, targets=1, source_is_reference=False, share_noise=True, target=None):
+    return MasaCtrlLatentBatch.execute(source, targets, source_is_reference, share_noise, target).result[0]
 
 
 def run(model, latent, positive, negative, kind="sd15", steps=3, cfg=4.0, seed=7):
@@ -91,3 +91,36 @@ def test_reference_source_is_held_known_and_returned_exactly(sd15):
 def test_latent_batch_rejects_a_batch_as_source():
     with pytest.raises(ValueError, match="MasaCtrlLatentBatch.*'source'.*batch size 1"):
         latents({"samples": torch.zeros(2, 4, 16, 16)})
+
+
+def test_target_canvas_keeps_its_noise_mask_and_known_pixels(sd15):
+    gen = torch.Generator().manual_seed(7)
+    reference, canvas = torch.randn(2, 1, 4, 16, 16, generator=gen)
+    outpaint = torch.zeros(1, 1, 16, 16)
+    outpaint[..., 12:] = 1.0  # generate the right quarter
+    latent = latents({"samples": reference}, targets=1, source_is_reference=True,
+                     target={"samples": canvas, "noise_mask": outpaint})
+    assert torch.equal(latent["samples"][1], canvas[0])
+    assert torch.equal(latent["noise_mask"][1, 0], outpaint[0, 0])
+    assert latent["noise_mask"][0].max() == 0
+    model = MasaCtrlAttentionPatch.execute(sd15, 0, 10, -1, -1, "mutual", 0).result[0]
+    out = run(model, latent, stack(tm.conditioning("sd15", seed=1), tm.conditioning("sd15", seed=2)),
+              tm.conditioning("sd15", seed=4))
+    torch.testing.assert_close(out[0], reference[0])
+    torch.testing.assert_close(out[1, :, :, :12], canvas[0, :, :, :12])
+    assert not torch.allclose(out[1, :, :, 12:], canvas[0, :, :, 12:], atol=1e-2)
+
+
+def test_generated_source_with_a_target_canvas_masks_only_the_target():
+    canvas = {"samples": torch.ones(1, 4, 16, 16), "noise_mask": torch.zeros(1, 16, 16)}
+    latent = latents({"samples": torch.zeros(1, 4, 16, 16)}, targets=2, target=canvas)
+    assert latent["noise_mask"][:, 0].amax(dim=(1, 2)).tolist() == [1.0, 0.0, 0.0]
+    assert latent["samples"][1:].eq(1).all() and latent["samples"][0].eq(0).all()
+
+
+def test_target_of_another_size_or_count_fails_clearly():
+    source = {"samples": torch.zeros(1, 4, 16, 16)}
+    with pytest.raises(ValueError, match="MasaCtrlLatentBatch: input 'target'.*same size"):
+        latents(source, target={"samples": torch.zeros(1, 4, 16, 24)})
+    with pytest.raises(ValueError, match="MasaCtrlLatentBatch: input 'target' holds 3 latents for 2"):
+        latents(source, targets=2, target={"samples": torch.zeros(3, 4, 16, 16)})
