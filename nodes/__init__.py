@@ -4,12 +4,14 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import masactrl, masactrl_batch
+from . import masactrl, masactrl_batch, repaint
 
 NODES: list[type[io.ComfyNode]] = [
     masactrl.MasaCtrlAttentionPatch,
     masactrl_batch.MasaCtrlConditioningBatch,
     masactrl_batch.MasaCtrlLatentBatch,
+    repaint.RePaintKSampler,
+    repaint.RePaintSampler,
 ]
 
 

@@ -41,7 +41,22 @@ def pytest_report_header(config):
     return f"ComfyUI host: {HOST_PATH} (found by {HOST_HOW})"
 
 
+_MEASURED: list[str] = []
+
+
+@pytest.fixture
+def measured(request):
+    """``measured(text)``: a measurement the test made, printed in the run's summary."""
+    def add(text: str) -> None:
+        _MEASURED.append(f"{request.node.name}: {text}")
+    return add
+
+
 def pytest_terminal_summary(terminalreporter):
+    if _MEASURED:
+        terminalreporter.section("measured")
+        for line in _MEASURED:
+            terminalreporter.write_line(line)
     skipped = [r for r in terminalreporter.stats.get("skipped", [])
                if "HOST TESTS SKIPPED" in str(getattr(r, "longrepr", ""))]
     if skipped:
