@@ -78,14 +78,7 @@ def main() -> None:
         # A fixed threshold keeps glibc from caching freed large blocks, so RSS peaks are per run.
         os.execve(sys.executable, [sys.executable] + sys.argv, os.environ | {"MALLOC_MMAP_THRESHOLD_": "1048576"})
 
-    host_path, how = host.find_host()
-    if host_path is None:
-        sys.exit(f"no ComfyUI host: {how}")
-    host.activate(host_path)
-    if torch.cuda.is_available():
-        import comfy.cli_args
-        comfy.cli_args.args.cpu = False
-    host.load_pack()
+    host.prepare(use_gpu=True)
 
     import comfy.model_management
     import comfy.sample

@@ -68,3 +68,20 @@ def load_pack():
         sys.modules[PACKAGE] = module
         spec.loader.exec_module(module)
     return sys.modules[PACKAGE]
+
+
+def prepare(use_gpu: bool = False) -> Path:
+    """Find and activate the host and load the pack, for scripts (benchmarks); exit when there is no host."""
+    path, how = find_host()
+    if path is None:
+        raise SystemExit(f"no ComfyUI host: {how}")
+    activate(path)
+    if use_gpu:
+        import torch
+
+        if torch.cuda.is_available():
+            import comfy.cli_args
+
+            comfy.cli_args.args.cpu = False
+    load_pack()
+    return path
