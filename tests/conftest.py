@@ -71,6 +71,6 @@ def comfy_server(tmp_path_factory):
     """A real ComfyUI server (``main.py --cpu`` on loopback) with the pack installed, for the session."""
     from server import ComfyServer
 
-    server = ComfyServer(require_host(), REPO, tmp_path_factory.mktemp("comfyui")).start()
+    server = ComfyServer(require_host(), tmp_path_factory.mktemp("comfyui"), cpu=True).start()
     yield server
     server.stop()

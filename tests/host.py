@@ -8,48 +8,17 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def _is_host(path: Path) -> bool:
-    return (path / "comfy" / "model_patcher.py").is_file() and (path / "main.py").is_file()
-
-
-def find_host() -> tuple[Path | None, str]:
-    """Return (host path or None, how it was found or why none was)."""
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        if _is_host(Path(env)):
-            return Path(env).resolve(), "COMFYUI_PATH"
-        return None, f"COMFYUI_PATH={env} is not a ComfyUI checkout (no comfy/model_patcher.py)"
-    if REPO.parent.name == "custom_nodes" and _is_host(REPO.parent.parent):
-        return REPO.parent.parent, "the ComfyUI whose custom_nodes holds this pack"
-    tool = shutil.which("comfyui-host") or str(REPO.parent / "shared" / "bin" / "comfyui-host")
-    if os.path.isfile(tool):
-        out = subprocess.run(["bash", tool, "path"], capture_output=True, text=True)
-        path = Path(out.stdout.strip()) if out.returncode == 0 else None
-        if path and _is_host(path):
-            return path.resolve(), "comfyui-host path"
-    return None, ("no ComfyUI host found: set COMFYUI_PATH, put this pack in ComfyUI/custom_nodes/, "
-                  "or run 'comfyui-host install GIT_DIR'")
-
-
-def activate(path: Path) -> None:
-    """Make the host importable in this test process, as ``main.py --cpu`` would."""
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+# One implementation of the discovery order, shared with the runner (which cannot import tests/).
+_spec = importlib.util.spec_from_file_location("consistent_synthesis_host_discovery", REPO / "runner" / "host.py")
+_discovery = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_discovery)
+find_host = _discovery.find_host
+activate = _discovery.activate
 
 
 PACKAGE = "consistent_synthesis"

@@ -1,0 +1,7 @@
+"""Headless runner: post a workflow to ComfyUI (started here, or already running) and save its images.
+
+    python -m runner masactrl_sd15 --smoke        # from the pack's folder
+
+See ``runner/cli.py`` for the options; ``runner/random_models.py`` builds the random-weight
+stand-ins used when model files are missing.
+"""

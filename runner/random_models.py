@@ -1,0 +1,193 @@
+"""Random-weight model files of the real architectures, for smoke runs and end-to-end tests.
+
+The key layout and shapes come from ComfyUI's own classes, built on the ``meta`` device (no
+memory): ``comfy.model_detection`` picks the model config from a UNet config, the config builds
+the UNet, its text encoder and the VAE, and ``state_dict_for_saving`` gives the original
+single-file checkpoint layout that ``CheckpointLoaderSimple`` detects. The tensors are then drawn
+one at a time and streamed into a safetensors file, so memory stays at one tensor, and files are
+cached outside the repository (``CS_MODEL_CACHE`` or ``~/.cache/consistent-synthesis/models``).
+
+The host must be importable (``runner.host.activate``) before these functions are called.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = "1"
+METADATA = {"consistent_synthesis": "random weights, not a trained model", "format": FORMAT_VERSION}
+
+_UNET_COMMON = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "use_spatial_transformer": True, "legacy": False, "use_temporal_resblock": False,
+    "use_temporal_attention": False, "model_channels": 320,
+}
+
+# The released models' UNet configurations (as ComfyUI detects them from the real files).
+UNET_CONFIGS = {
+    "sd15": _UNET_COMMON | {
+        "adm_in_channels": None, "context_dim": 768, "num_res_blocks": [2, 2, 2, 2],
+        "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_linear_in_transformer": False, "num_heads": 8, "num_head_channels": -1,
+    },
+    "sdxl": _UNET_COMMON | {
+        "num_classes": "sequential", "adm_in_channels": 2816, "context_dim": 2048,
+        "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "use_linear_in_transformer": True, "num_heads": -1, "num_head_channels": 64,
+    },
+}
+
+_VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+               "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+# What a model file name stands for: (models folder, kind). Names users download, see the README.
+KNOWN_FILES = {
+    "v1-5-pruned-emaonly.safetensors": ("checkpoints", "sd15"),
+    "v1-5-pruned-emaonly-fp16.safetensors": ("checkpoints", "sd15"),
+    "sd_xl_base_1.0.safetensors": ("checkpoints", "sdxl"),
+    "control_v11p_sd15_openpose_fp16.safetensors": ("controlnet", "controlnet_sd15"),
+    "control_v11p_sd15_openpose.pth": ("controlnet", "controlnet_sd15"),
+}
+
+
+def cache_dir() -> Path:
+    """Where random models are kept: ``CS_MODEL_CACHE`` or ``~/.cache/consistent-synthesis/models``."""
+    env = os.environ.get("CS_MODEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "consistent-synthesis" / "models"
+
+
+def guess_kind(folder: str, name: str) -> str:
+    """The random model to stand in for a file a workflow names (by known name, else by its name)."""
+    if name in KNOWN_FILES:
+        return KNOWN_FILES[name][1]
+    xl = "xl" in name.lower()
+    if folder == "controlnet":
+        if xl:
+            raise ValueError(f"no random stand-in for the SDXL ControlNet {name!r}; only SD1.5 ControlNets are built")
+        return "controlnet_sd15"
+    return "sdxl" if xl else "sd15"
+
+
+def _unet_model_config(kind: str):
+    import comfy.model_detection
+
+    config = comfy.model_detection.model_config_from_unet_config(dict(UNET_CONFIGS[kind]))
+    if config is None:
+        raise RuntimeError(f"this ComfyUI does not recognise the {kind} UNet configuration")
+    return config
+
+
+def checkpoint_layout(kind: str) -> dict[str, torch.Tensor]:
+    """Meta tensors keyed as in the original single-file checkpoint of ``kind`` (sd15, sdxl)."""
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    model_config = _unet_model_config(kind)
+    with torch.device("meta"):
+        model = model_config.get_model({}, device="meta")
+        clip = model_config.clip_target().clip(device="meta", dtype=torch.float16)
+        vae = AutoencoderKL(ddconfig=dict(_VAE_CONFIG), embed_dim=4)
+    return model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+
+
+def controlnet_layout() -> dict[str, torch.Tensor]:
+    """Meta tensors keyed as in the original ControlNet 1.1 SD1.5 files (``control_model.`` prefix)."""
+    import comfy.cldm.cldm
+
+    config = dict(_unet_model_config("sd15").unet_config)
+    config.pop("out_channels")
+    with torch.device("meta"):
+        control = comfy.cldm.cldm.ControlNet(hint_channels=3, device="meta", **config)
+    return {f"control_model.{k}": v for k, v in control.state_dict().items()}
+
+
+def layout(kind: str) -> dict[str, torch.Tensor]:
+    if kind == "controlnet_sd15":
+        return controlnet_layout()
+    if kind in UNET_CONFIGS:
+        return checkpoint_layout(kind)
+    raise ValueError(f"unknown random model kind {kind!r}; known: sd15, sdxl, controlnet_sd15")
+
+
+def _random_tensor(key: str, meta: torch.Tensor, seed: int) -> torch.Tensor:
+    """Fan-in scaled normal weights and unit norm scales, so activations stay O(1) through the model."""
+    if meta.ndim == 1 and key.endswith(".weight"):  # every 1-D weight is a GroupNorm/LayerNorm scale
+        return torch.ones(meta.shape, dtype=torch.float16)
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    scale = 0.02 if meta.ndim <= 1 else meta[0].numel() ** -0.5
+    return (torch.randn(meta.shape, generator=gen) * scale).to(torch.float16)
+
+
+def write_random_safetensors(path: Path, shapes: dict[str, torch.Tensor], seed: int = 0,
+                             metadata: dict | None = None) -> None:
+    """Stream random fp16 tensors of the given shapes into a safetensors file, one tensor in memory.
+
+    The safetensors format: an 8-byte little-endian header length, a JSON header with each
+    tensor's dtype, shape and byte range, then the raw little-endian data in that order.
+    """
+    header, offset = {}, 0
+    for key, meta in shapes.items():
+        size = meta.numel() * 2
+        header[key] = {"dtype": "F16", "shape": list(meta.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {k: str(v) for k, v in (metadata or {}).items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for key, meta in shapes.items():
+                f.write(_random_tensor(key, meta, seed).contiguous().numpy().tobytes())
+        os.replace(partial, path)  # atomic: a concurrent run sees the whole file or none
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def is_random_model(path: Path) -> bool:
+    """True for a file this module wrote (its safetensors metadata says so)."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if length > 100_000_000:
+                return False
+            header = json.loads(f.read(length))
+    except (OSError, ValueError):
+        return False
+    return header.get("__metadata__", {}).get("consistent_synthesis") == METADATA["consistent_synthesis"]
+
+
+def ensure(folder: str, name: str, root: Path | None = None, seed: int = 0) -> Path:
+    """The cached random stand-in for ``folder/name`` (e.g. checkpoints, v1-5-pruned-emaonly.safetensors),
+    built once. The file carries the real name so that workflows run unchanged."""
+    root = root or cache_dir()
+    kind = guess_kind(folder, name)
+    path = root / folder / name
+    if path.is_file() and is_random_model(path):
+        return path
+    started = time.monotonic()
+    logging.warning("Building a RANDOM-WEIGHT %s model as %s (smoke test only, not a trained model)...", kind, path)
+    write_random_safetensors(path, layout(kind), seed, METADATA | {"kind": kind})
+    logging.warning("Built %s (%.1f GB) in %.0f s.", path, path.stat().st_size / 1e9, time.monotonic() - started)
+    return path
+
+
+def extra_model_paths_yaml(root: Path, yaml_path: Path) -> Path:
+    """An ``--extra-model-paths-config`` file that adds the cache's folders to the server's."""
+    yaml_path.write_text(
+        "consistent_synthesis_random_models:\n"
+        f"    base_path: {json.dumps(str(root))}\n"
+        "    checkpoints: checkpoints\n"
+        "    controlnet: controlnet\n")
+    return yaml_path

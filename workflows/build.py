@@ -1,0 +1,330 @@
+"""Write the shipped workflows, UI format and API format, from one Python description.
+
+    python workflows/build.py           # (re)write workflows/*.json and workflows/api/*.json
+    python workflows/build.py --check   # exit 1 if a written file differs from the description
+
+UI-format files (what the canvas loads; the template browser lists the top level of this
+folder) and API-format files (what ``/prompt`` and ``python -m runner`` take) come from the same
+``Graph``, so they cannot drift. The node specs below say which inputs are sockets and which are
+widgets, in the order the frontend lays them out; the end-to-end tests check them against the
+server's ``/object_info``. Add a workflow by adding a function to ``WORKFLOWS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+API_DIR = HERE / "api"
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A node type as the frontend sees it: inputs (name, type) in order, outputs (name, type)."""
+    inputs: tuple[tuple[str, str], ...]
+    outputs: tuple[tuple[str, str], ...] = ()
+    title: str = ""
+    seed_widgets: tuple[str, ...] = ()  # INT widgets followed by a "control after generate" widget
+    optional: tuple[str, ...] = ()
+    extra_widgets: tuple[tuple[str, object], ...] = ()  # (input, value): a frontend-only widget after it
+
+
+NODE_SPECS: dict[str, NodeSpec] = {
+    "CheckpointLoaderSimple": NodeSpec(
+        (("ckpt_name", "COMBO"),), (("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")), "Load Checkpoint"),
+    "CLIPTextEncode": NodeSpec(
+        (("text", "STRING"), ("clip", "CLIP")), (("CONDITIONING", "CONDITIONING"),), "CLIP Text Encode (Prompt)"),
+    "EmptyLatentImage": NodeSpec(
+        (("width", "INT"), ("height", "INT"), ("batch_size", "INT")), (("LATENT", "LATENT"),), "Empty Latent Image"),
+    "KSampler": NodeSpec(
+        (("model", "MODEL"), ("seed", "INT"), ("steps", "INT"), ("cfg", "FLOAT"), ("sampler_name", "COMBO"),
+         ("scheduler", "COMBO"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+         ("latent_image", "LATENT"), ("denoise", "FLOAT")),
+        (("LATENT", "LATENT"),), "KSampler", seed_widgets=("seed",)),
+    "VAEDecode": NodeSpec((("samples", "LATENT"), ("vae", "VAE")), (("IMAGE", "IMAGE"),), "VAE Decode"),
+    "SaveImage": NodeSpec((("images", "IMAGE"), ("filename_prefix", "STRING")), (), "Save Image"),
+    "ControlNetLoader": NodeSpec(
+        (("control_net_name", "COMBO"),), (("CONTROL_NET", "CONTROL_NET"),), "Load ControlNet Model"),
+    "ControlNetApplyAdvanced": NodeSpec(
+        (("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("control_net", "CONTROL_NET"),
+         ("image", "IMAGE"), ("strength", "FLOAT"), ("start_percent", "FLOAT"), ("end_percent", "FLOAT"),
+         ("vae", "VAE")),
+        (("positive", "CONDITIONING"), ("negative", "CONDITIONING")), "Apply ControlNet", optional=("vae",)),
+    "MasaCtrlAttentionPatch": NodeSpec(
+        (("model", "MODEL"), ("start_step", "INT"), ("start_layer", "INT"), ("end_step", "INT"),
+         ("end_layer", "INT"), ("mode", "COMBO"), ("source_index", "INT"), ("source_mask", "MASK"),
+         ("target_mask", "MASK")),
+        (("MODEL", "MODEL"),), "MasaCtrl Attention Patch", optional=("source_mask", "target_mask")),
+    "MasaCtrlConditioningBatch": NodeSpec(
+        (("source", "CONDITIONING"), ("target", "CONDITIONING")), (("CONDITIONING", "CONDITIONING"),),
+        "MasaCtrl Conditioning Batch"),
+    "MasaCtrlLatentBatch": NodeSpec(
+        (("source", "LATENT"), ("targets", "INT"), ("source_is_reference", "BOOLEAN"), ("share_noise", "BOOLEAN"),
+         ("target", "LATENT")),
+        (("LATENT", "LATENT"),), "MasaCtrl Latent Batch", optional=("target",)),
+    "LoadImage": NodeSpec((("image", "COMBO"),), (("IMAGE", "IMAGE"), ("MASK", "MASK")), "Load Image",
+                          extra_widgets=(("image", "image"),)),
+    "VAEEncode": NodeSpec((("pixels", "IMAGE"), ("vae", "VAE")), (("LATENT", "LATENT"),), "VAE Encode"),
+    "SetLatentNoiseMask": NodeSpec((("samples", "LATENT"), ("mask", "MASK")), (("LATENT", "LATENT"),),
+                                   "Set Latent Noise Mask"),
+    "ImagePadForOutpaint": NodeSpec(
+        (("image", "IMAGE"), ("left", "INT"), ("top", "INT"), ("right", "INT"), ("bottom", "INT"),
+         ("feathering", "INT")), (("IMAGE", "IMAGE"), ("MASK", "MASK")), "Pad Image for Outpainting"),
+    "ImageCompositeMasked": NodeSpec(
+        (("destination", "IMAGE"), ("source", "IMAGE"), ("x", "INT"), ("y", "INT"), ("resize_source", "BOOLEAN"),
+         ("mask", "MASK")), (("IMAGE", "IMAGE"),), "ImageCompositeMasked", optional=("mask",)),
+    "RePaintKSampler": NodeSpec(
+        (("model", "MODEL"), ("seed", "INT"), ("steps", "INT"), ("cfg", "FLOAT"), ("sampler_name", "COMBO"),
+         ("scheduler", "COMBO"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+         ("latent_image", "LATENT"), ("denoise", "FLOAT"), ("jump_length", "INT"), ("jump_n_sample", "INT"),
+         ("resample_start", "FLOAT"), ("resample_end", "FLOAT")),
+        (("LATENT", "LATENT"),), "RePaint KSampler", seed_widgets=("seed",)),
+}
+
+# Where users get the files the workflows name (shown by the frontend's missing-models dialog).
+MODEL_FILES = {
+    "v1-5-pruned-emaonly.safetensors": (
+        "checkpoints", "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                       "v1-5-pruned-emaonly.safetensors"),
+    "sd_xl_base_1.0.safetensors": (
+        "checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
+                       "sd_xl_base_1.0.safetensors"),
+    "control_v11p_sd15_openpose_fp16.safetensors": (
+        "controlnet", "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
+                      "control_v11p_sd15_openpose_fp16.safetensors"),
+}
+
+COLUMN, ROW = 380, 60  # layout grid in canvas pixels
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    inputs: dict
+    title: str
+    pos: tuple[float, float]
+    size: tuple[float, float]
+
+    def __getitem__(self, slot: int) -> tuple["Node", int]:
+        return (self, slot)
+
+    @property
+    def spec(self) -> NodeSpec:
+        return NODE_SPECS[self.type]
+
+
+@dataclass
+class Graph:
+    """A workflow: nodes added in order; an input is a value (widget) or ``node[slot]`` (link)."""
+    name: str
+    description: str
+    nodes: list[Node] = field(default_factory=list)
+
+    def add(self, type_: str, title: str = "", at: tuple[float, float] = (0, 0), size=(320, 130), **inputs) -> Node:
+        spec = NODE_SPECS[type_]
+        names = [n for n, _ in spec.inputs]
+        unknown = set(inputs) - set(names)
+        if unknown:
+            raise ValueError(f"{self.name}: {type_} has no input {sorted(unknown)}")
+        missing = [n for n in names if n not in inputs and n not in spec.optional]
+        if missing:
+            raise ValueError(f"{self.name}: {type_} needs {missing}")
+        node = Node(len(self.nodes) + 1, type_, inputs, title or spec.title,
+                    (40 + at[0] * COLUMN, 40 + at[1] * ROW), size)
+        self.nodes.append(node)
+        return node
+
+    def api(self) -> dict:
+        """The API-format prompt (what the frontend's "Export (API)" writes)."""
+        prompt = {}
+        for node in self.nodes:
+            inputs = {}
+            for name, _ in node.spec.inputs:
+                if name not in node.inputs:
+                    continue
+                value = node.inputs[name]
+                inputs[name] = [str(value[0].id), value[1]] if _is_link(value) else value
+            prompt[str(node.id)] = {"inputs": inputs, "class_type": node.type, "_meta": {"title": node.title}}
+        return prompt
+
+    def ui(self) -> dict:
+        """The UI-format workflow (litegraph serialisation, version 0.4) of the current frontend."""
+        links, by_target = [], {}
+        for node in self.nodes:
+            sockets = [n for n, t in node.spec.inputs if t not in WIDGET_TYPES]
+            for name, type_ in node.spec.inputs:
+                value = node.inputs.get(name)
+                if _is_link(value):
+                    link = [len(links) + 1, value[0].id, value[1], node.id, sockets.index(name), type_]
+                    links.append(link)
+                    by_target[(node.id, name)] = link
+        order = {node.id: i for i, node in enumerate(self.nodes)}  # nodes are added in dependency order
+        out_nodes, models = [], []
+        for node in self.nodes:
+            inputs = [{"name": n, "type": t, "link": by_target.get((node.id, n), [None])[0]}
+                      for n, t in node.spec.inputs if t not in WIDGET_TYPES]
+            outputs = [{"name": n, "type": t, "slot_index": i,
+                        "links": [link[0] for link in links if link[1] == node.id and link[2] == i]}
+                       for i, (n, t) in enumerate(node.spec.outputs)]
+            widgets = []
+            for name, type_ in node.spec.inputs:
+                if type_ in WIDGET_TYPES:
+                    widgets.append(node.inputs[name])
+                    if name in node.spec.seed_widgets:
+                        widgets.append("fixed")
+                    widgets += [value for after, value in node.spec.extra_widgets if after == name]
+            properties = {"Node name for S&R": node.type}
+            files = [MODEL_FILES[v] + (v,) for v in widgets if isinstance(v, str) and v in MODEL_FILES]
+            if files:
+                properties["models"] = [{"name": name, "url": url, "directory": folder} for folder, url, name in files]
+                models += properties["models"]
+            out_nodes.append({
+                "id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size), "flags": {},
+                "order": order[node.id], "mode": 0, "inputs": inputs, "outputs": outputs, "title": node.title,
+                "properties": properties, "widgets_values": widgets})
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"consistent-synthesis/workflows/{self.name}")),
+            "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(links),
+            "nodes": out_nodes, "links": links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "info": {"description": self.description}},
+            "models": models, "version": 0.4,
+        }
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], Node)
+
+
+# ---------------------------------------------------------------- the workflows
+
+NEGATIVE = "lowres, bad anatomy, bad hands, blurry, watermark, text"
+
+
+def masactrl_synthesis(name: str, checkpoint: str, size: int, start_layer: int, family: str) -> Graph:
+    """(b) MasaCtrl synthesis: one KSampler draws the source prompt and the target prompt together;
+    from start_step and start_layer on, the target's self-attention reads the source's keys and values."""
+    g = Graph(name, f"MasaCtrl synthesis ({family}): the target prompt changes the pose or action of the "
+                    "source prompt's subject while MasaCtrl keeps its identity and texture.")
+    ckpt = g.add("CheckpointLoaderSimple", at=(0, 0), size=(320, 100), ckpt_name=checkpoint)
+    source = g.add("CLIPTextEncode", "Source prompt", at=(1, 0), size=(360, 140), clip=ckpt[1],
+                   text="a photo of a corgi, standing on the grass, full body")
+    target = g.add("CLIPTextEncode", "Target prompt", at=(1, 3), size=(360, 140), clip=ckpt[1],
+                   text="a photo of a corgi, running on the grass, full body")
+    negative = g.add("CLIPTextEncode", "Negative prompt", at=(1, 6), size=(360, 140), clip=ckpt[1], text=NEGATIVE)
+    batch = g.add("MasaCtrlConditioningBatch", at=(2, 2), size=(300, 60), source=source[0], target=target[0])
+    empty = g.add("EmptyLatentImage", at=(1, 9), size=(320, 110), width=size, height=size, batch_size=1)
+    latents = g.add("MasaCtrlLatentBatch", at=(2, 8), size=(320, 130), source=empty[0], targets=1,
+                    source_is_reference=False, share_noise=True)
+    patch = g.add("MasaCtrlAttentionPatch", at=(2, 4), size=(320, 220), model=ckpt[0],
+                  start_step=4, start_layer=start_layer, end_step=-1, end_layer=-1, mode="mutual", source_index=0)
+    sampler = g.add("KSampler", at=(3, 0), size=(320, 270), model=patch[0], seed=42, steps=50, cfg=7.5,
+                    sampler_name="ddim", scheduler="ddim_uniform", positive=batch[0], negative=negative[0],
+                    latent_image=latents[0], denoise=1.0)
+    decode = g.add("VAEDecode", at=(4, 0), size=(220, 50), samples=sampler[0], vae=ckpt[2])
+    g.add("SaveImage", at=(4, 2), size=(420, 300), images=decode[0], filename_prefix=f"consistent-synthesis/{name}")
+    return g
+
+
+def repaint(name: str, outpaint: bool) -> Graph:
+    """(c) RePaint inpainting (the transparent area of the loaded image) or outpainting (a padded
+    border) with any SD1.5 checkpoint; the original pixels are composited back over the result."""
+    what = "outpainting: the canvas grows by the padding" if outpaint else \
+        "inpainting: the transparent area of the loaded image is generated"
+    g = Graph(name, f"RePaint {what}, with any checkpoint (no inpainting model needed). jump_length and "
+                    "jump_n_sample trade time for harmony between the new region and the old.")
+    ckpt = g.add("CheckpointLoaderSimple", at=(0, 0), size=(320, 100), ckpt_name="v1-5-pruned-emaonly.safetensors")
+    image = g.add("LoadImage", at=(0, 3), size=(320, 320), image=INPUT_IMAGE)
+    if outpaint:
+        pad = g.add("ImagePadForOutpaint", at=(1, 6), size=(320, 180), image=image[0], left=64, top=0,
+                    right=64, bottom=0, feathering=24)
+        pixels, mask = pad[0], pad[1]
+    else:
+        pixels, mask = image[0], image[1]
+    positive = g.add("CLIPTextEncode", "Prompt", at=(1, 0), size=(360, 140), clip=ckpt[1],
+                     text="a cozy living room with a sofa and plants, photo, soft light")
+    negative = g.add("CLIPTextEncode", "Negative prompt", at=(1, 3), size=(360, 140), clip=ckpt[1], text=NEGATIVE)
+    encode = g.add("VAEEncode", at=(2, 5), size=(220, 50), pixels=pixels, vae=ckpt[2])
+    masked = g.add("SetLatentNoiseMask", at=(2, 7), size=(220, 50), samples=encode[0], mask=mask)
+    sampler = g.add("RePaintKSampler", at=(3, 0), size=(320, 380), model=ckpt[0], seed=42, steps=50, cfg=7.5,
+                    sampler_name="euler_ancestral", scheduler="normal", positive=positive[0], negative=negative[0],
+                    latent_image=masked[0], denoise=1.0, jump_length=10, jump_n_sample=10,
+                    resample_start=0.0, resample_end=1.0)
+    decode = g.add("VAEDecode", at=(4, 0), size=(220, 50), samples=sampler[0], vae=ckpt[2])
+    # the VAE round trip changes known pixels a little; put the originals back where the mask is 0
+    keep = g.add("ImageCompositeMasked", "Composite original pixels", at=(4, 2), size=(320, 160),
+                 destination=pixels, source=decode[0], x=0, y=0, resize_source=False, mask=mask)
+    g.add("SaveImage", at=(5, 0), size=(420, 300), images=keep[0], filename_prefix=f"consistent-synthesis/{name}")
+    return g
+
+
+INPUT_IMAGE = "consistent_synthesis_room.png"
+
+
+def write_input_image(path: Path) -> None:
+    """A small procedural RGBA picture with a transparent hole (LoadImage's MASK: 1 = generate)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGBA", (256, 256), (214, 198, 170, 255))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, 176, 255, 255), fill=(120, 86, 60, 255))  # floor
+    draw.rectangle((24, 110, 150, 180), fill=(70, 90, 140, 255))  # sofa
+    draw.rectangle((24, 96, 44, 180), fill=(60, 78, 122, 255))
+    draw.ellipse((180, 60, 236, 116), fill=(60, 130, 70, 255))  # plant
+    draw.rectangle((200, 116, 216, 180), fill=(110, 70, 40, 255))
+    draw.rectangle((96, 40, 160, 96), fill=(0, 0, 0, 0))  # the area to inpaint
+    path.parent.mkdir(exist_ok=True)
+    img.save(path, optimize=True)
+
+
+WORKFLOWS = {
+    "masactrl_sd15": lambda: masactrl_synthesis("masactrl_sd15", "v1-5-pruned-emaonly.safetensors", 512, 10, "SD1.5"),
+    "masactrl_sdxl": lambda: masactrl_synthesis("masactrl_sdxl", "sd_xl_base_1.0.safetensors", 1024, 44, "SDXL"),
+    "repaint_inpaint": lambda: repaint("repaint_inpaint", outpaint=False),
+    "repaint_outpaint": lambda: repaint("repaint_outpaint", outpaint=True),
+}
+
+
+def render(graph: Graph) -> dict[Path, str]:
+    """File path -> text of the two files of one workflow."""
+    return {HERE / f"{graph.name}.json": _dump(graph.ui()), API_DIR / f"{graph.name}.json": _dump(graph.api())}
+
+
+def _dump(data: dict) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="fail if a file differs from the description")
+    args = parser.parse_args(argv)
+    stale = []
+    image = HERE / "input" / INPUT_IMAGE
+    if not image.is_file():
+        if args.check:
+            stale.append(image)
+        else:
+            write_input_image(image)
+    for make in WORKFLOWS.values():
+        for path, text in render(make()).items():
+            if args.check:
+                if not path.is_file() or path.read_text() != text:
+                    stale.append(path)
+            else:
+                path.parent.mkdir(exist_ok=True)
+                path.write_text(text)
+    if stale:
+        sys.stderr.write("out of date (run python workflows/build.py): " + ", ".join(map(str, stale)) + "\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
