@@ -4,7 +4,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import masactrl, masactrl_batch, repaint
+from . import masactrl, masactrl_batch, pose_edit_outpaint, repaint
 
 NODES: list[type[io.ComfyNode]] = [
     masactrl.MasaCtrlAttentionPatch,
@@ -12,6 +12,7 @@ NODES: list[type[io.ComfyNode]] = [
     masactrl_batch.MasaCtrlLatentBatch,
     repaint.RePaintKSampler,
     repaint.RePaintSampler,
+    pose_edit_outpaint.PoseEditOutpaint,
 ]
 
 

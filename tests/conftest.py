@@ -69,7 +69,7 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """A real ComfyUI server (``main.py --cpu`` on loopback) with the pack installed, for the session."""
-    from server import ComfyServer
+    from live_server import ComfyServer
 
     server = ComfyServer(require_host(), tmp_path_factory.mktemp("comfyui"), cpu=True).start()
     yield server

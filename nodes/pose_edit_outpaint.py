@@ -1,0 +1,168 @@
+"""PoseEditOutpaint: pad a cropped person's image, complete and edit its OpenPose skeleton, mask the new area."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..pose import complete, detect, edits, openpose, render
+
+NODE = "PoseEditOutpaint"
+PoseKeypoint = io.Custom("POSE_KEYPOINT")
+DETECTOR_FOLDER = "openpose"  # ComfyUI/models/openpose/{body_pose_model,hand_pose_model,facenet}.pth
+
+
+def _error(input_name: str, message: str) -> ValueError:
+    return ValueError(f"{NODE}: input '{input_name}': {message}")
+
+
+def outpaint_mask(height: int, width: int, left: int, top: int, right: int, bottom: int,
+                  feathering: int) -> torch.Tensor:
+    """1 on the new area; inside the original image a band of ``feathering`` pixels along each padded
+    side falls from 1 at the seam to 0, so the sampler blends the seam."""
+    h, w = height + top + bottom, width + left + right
+    mask = torch.ones(h, w)
+    inner = torch.zeros(height, width)
+    if feathering > 0:
+        ys = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width)
+        xs = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width)
+        big = torch.full((height, width), float("inf"))
+        distance = torch.minimum(torch.minimum(xs if left else big, (width - 1 - xs) if right else big),
+                                 torch.minimum(ys if top else big, (height - 1 - ys) if bottom else big))
+        inner = ((feathering - distance) / feathering).clamp(min=0) ** 2
+    mask[top:top + height, left:left + width] = inner
+    return mask
+
+
+class PoseEditOutpaint(io.ComfyNode):
+    """Outpainting canvas, mask and edited OpenPose condition for a cropped person."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        pad = dict(default=0, min=0, max=4096, step=8)
+        return io.Schema(
+            node_id=NODE,
+            display_name="Pose Edit Outpaint",
+            category="consistent synthesis/pose",
+            description=("Extends a cropped person onto a larger canvas: pads the image, detects (or takes) its "
+                         "OpenPose skeleton, places the limbs the crop cut off, applies your keypoint edits and "
+                         "renders the pose for a ControlNet openpose model, with the mask of what to generate."),
+            inputs=[
+                io.Image.Input("image", tooltip="The cropped image of the person (one image or a batch)."),
+                PoseKeypoint.Input("pose", optional=True, tooltip=(
+                    "The person's pose (POSE_KEYPOINT from comfyui_controlnet_aux, normalised or pixels). "
+                    "Empty: detected with controlnet_aux's OpenPose from ComfyUI/models/openpose.")),
+                io.Int.Input("pad_left", tooltip="Pixels added on the left (a multiple of 8).", **pad),
+                io.Int.Input("pad_top", tooltip="Pixels added on top (a multiple of 8).", **pad),
+                io.Int.Input("pad_right", tooltip="Pixels added on the right (a multiple of 8).", **pad),
+                io.Int.Input("pad_bottom", default=256, min=0, max=4096, step=8,
+                             tooltip="Pixels added at the bottom (a multiple of 8), e.g. for the legs."),
+                io.Int.Input("feathering", default=40, min=0, max=512, tooltip=(
+                    "Width in pixels of the seam band inside the original image that is regenerated softly.")),
+                io.Combo.Input("completion", options=["auto", "none"], default="auto", tooltip=(
+                    "auto: place the keypoints the crop cut off (legs below a cropped waist, arms beyond a "
+                    "cropped shoulder) from the visible ones with average proportions. none: keep the pose.")),
+                io.String.Input("edits", default="", multiline=True, tooltip=(
+                    "Keypoint edits as JSON, written by the pose editor or by hand: a list of "
+                    '{"op": "set"|"remove"|"translate"|"mirror", "person": P, ...} in padded-canvas pixels '
+                    '(see the README). Empty: no edits.')),
+            ],
+            outputs=[
+                io.Image.Output(display_name="image", tooltip="The padded image (new area grey), for VAE Encode."),
+                io.Mask.Output(display_name="mask", tooltip="1 = generate: the new area and a feathered seam "
+                               "band. For Set Latent Noise Mask."),
+                io.Image.Output(display_name="pose_image", tooltip="The edited skeleton drawn in the OpenPose "
+                                "colours, for ControlNetApplyAdvanced with an openpose ControlNet."),
+                PoseKeypoint.Output(display_name="pose", tooltip="The edited pose in padded-canvas pixels."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, pad_left, pad_top, pad_right, pad_bottom, **kwargs):
+        for name, value in (("pad_left", pad_left), ("pad_top", pad_top), ("pad_right", pad_right),
+                            ("pad_bottom", pad_bottom)):
+            if isinstance(value, int) and value % 8:
+                return (f"{NODE}: input '{name}': {value} is not a multiple of 8 (the latent grid); "
+                        f"use {value - value % 8} or {value - value % 8 + 8}.")
+        return True
+
+    @classmethod
+    def execute(cls, image, pad_left, pad_top, pad_right, pad_bottom, feathering, completion, edits="",
+                pose=None) -> io.NodeOutput:
+        result = pose_edit_outpaint(image, pose, pad_left, pad_top, pad_right, pad_bottom, feathering,
+                                    completion, edits)
+        padded, mask, pose_image, base, edited = result
+        preview = ui.PreviewImage(padded, cls=cls).as_dict()
+        return io.NodeOutput(padded, mask, pose_image, edited,
+                             ui={**preview, "pose_base": [json.dumps(base)], "pose_edited": [json.dumps(edited)]})
+
+
+def _detect_frames(image: torch.Tensor) -> list[openpose.Frame]:
+    folder = os.path.join(folder_paths.models_dir, DETECTOR_FOLDER)
+    try:
+        detector = detect.load_detector(folder)
+    except Exception as e:
+        raise _error("pose", f"no pose was connected, and the OpenPose detector could not be loaded from "
+                     f"{folder} ({e}). Put body_pose_model.pth, hand_pose_model.pth and facenet.pth from "
+                     "lllyasviel/Annotators there, or connect a pose.") from e
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return [detect.detect(detector, frame) for frame in pixels]
+
+
+def pose_edit_outpaint(image, pose, pad_left, pad_top, pad_right, pad_bottom, feathering, completion, edits_text):
+    """(padded image, mask, pose image, base POSE_KEYPOINT, edited POSE_KEYPOINT)."""
+    for name, value in (("pad_left", pad_left), ("pad_top", pad_top), ("pad_right", pad_right),
+                        ("pad_bottom", pad_bottom)):
+        if value < 0 or value % 8:
+            raise _error(name, f"{value} must be a non-negative multiple of 8 (the latent grid).")
+    if image.ndim != 4 or image.shape[-1] < 3:
+        raise _error("image", f"expected an IMAGE of shape (batch, height, width, 3), got {tuple(image.shape)}")
+    batch, height, width = image.shape[:3]
+    try:
+        ops = edits.parse(edits_text)
+    except openpose.PoseError as e:
+        raise _error("edits", f"{e}. Fix the JSON or clear the field.") from None
+    if pose is None:
+        frames = _detect_frames(image[..., :3])
+    else:
+        try:
+            frames = openpose.from_pose_keypoint(pose)
+        except openpose.PoseError as e:
+            raise _error("pose", f"{e}.") from None
+    if len(frames) not in (1, batch):
+        raise _error("pose", f"holds {len(frames)} frames for {batch} images; give one, or one per image.")
+
+    new_w, new_h = width + pad_left + pad_right, height + pad_top + pad_bottom
+    visible = (pad_left, pad_top, pad_left + width, pad_top + height)
+    base_frames, edited_frames = [], []
+    for frame in frames:
+        # a pose given for another canvas (e.g. a detector's resolution) is scaled to the image first
+        sx, sy = width / frame.width, height / frame.height
+        scaled = openpose.translate(frame, 0, 0, width, height)
+        for person in scaled.people:
+            for points in (person.body, person.face, person.hand_left, person.hand_right):
+                if points is not None:
+                    points[:, 0] *= sx
+                    points[:, 1] *= sy
+        moved = openpose.translate(scaled, pad_left, pad_top, new_w, new_h)
+        if completion == "auto":
+            moved = complete.complete(moved, visible)
+        base_frames.append(moved)
+        try:
+            edited_frames.append(edits.apply(moved, ops))
+        except openpose.PoseError as e:
+            raise _error("edits", f"{e}.") from None
+
+    padded = torch.full((batch, new_h, new_w, 3), 0.5, dtype=image.dtype)
+    padded[:, pad_top:pad_top + height, pad_left:pad_left + width] = image[..., :3]
+    mask = outpaint_mask(height, width, pad_left, pad_top, pad_right, pad_bottom, feathering)
+    mask = mask.expand(batch, new_h, new_w).clone()
+    pose_image = torch.from_numpy(np.stack([render.render(f) for f in edited_frames])).float() / 255.0
+    return (padded, mask, pose_image, openpose.to_pose_keypoint(base_frames),
+            openpose.to_pose_keypoint(edited_frames))

@@ -1,0 +1,92 @@
+"""Keypoint edits: the JSON that the pose editor (or a person) writes into PoseEditOutpaint's ``edits``.
+
+A JSON list of operations applied in order; coordinates are pixels of the padded canvas:
+
+- ``{"op": "set", "person": P, "part": "body"|"face"|"hand_left"|"hand_right", "index": I, "x": X, "y": Y}``
+  moves a point, or adds it when missing (its confidence becomes 1);
+- ``{"op": "remove", "person": P, "part": ..., "index": I}`` makes the point missing (0, 0, 0);
+- ``{"op": "translate", "person": P, "dx": DX, "dy": DY}`` moves every present point of a person;
+- ``{"op": "mirror", "person": P}`` swaps the person's left and right points (body, hands): labels
+  swap, positions stay.
+
+An empty text means no edits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .openpose import MAX_COORDINATE, PARTS, Frame, PoseError, parse_text, present
+
+MAX_OPERATIONS = 10_000
+# OpenPose 18 left/right pairs: shoulders, elbows, wrists, hips, knees, ankles, eyes, ears.
+BODY_MIRROR = [(2, 5), (3, 6), (4, 7), (8, 11), (9, 12), (10, 13), (14, 15), (16, 17)]
+FIELDS = {"set": {"op", "person", "part", "index", "x", "y"}, "remove": {"op", "person", "part", "index"},
+          "translate": {"op", "person", "dx", "dy"}, "mirror": {"op", "person"}}
+
+
+def parse(text: str) -> list[dict]:
+    """The list of operations in ``text``, validated (an empty text is no edits)."""
+    if text is None or not text.strip():
+        return []
+    ops = parse_text(text)
+    if not isinstance(ops, list):
+        raise PoseError("edits must be a JSON list of operations")
+    if len(ops) > MAX_OPERATIONS:
+        raise PoseError(f"{len(ops):,} operations; at most {MAX_OPERATIONS:,}")
+    for n, op in enumerate(ops):
+        where = f"operation {n}"
+        if not isinstance(op, dict) or op.get("op") not in FIELDS:
+            raise PoseError(f"{where} must be an object with \"op\" one of {sorted(FIELDS)}")
+        missing = FIELDS[op["op"]] - set(op)
+        extra = set(op) - FIELDS[op["op"]]
+        if missing or extra:
+            raise PoseError(f"{where} ({op['op']}): missing {sorted(missing)}, unknown {sorted(extra)}")
+        for key in ("person", "index"):
+            if key in op and not (isinstance(op[key], int) and not isinstance(op[key], bool) and op[key] >= 0):
+                raise PoseError(f"{where}: {key} must be a whole number from 0")
+        for key in ("x", "y", "dx", "dy"):
+            if key in op:
+                v = op[key]
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
+                        or abs(v) > MAX_COORDINATE:
+                    raise PoseError(f"{where}: {key} must be a finite number of pixels, got {v!r}")
+        if "part" in op and op["part"] not in PARTS:
+            raise PoseError(f"{where}: part must be one of {sorted(PARTS)}, got {op['part']!r}")
+    return ops
+
+
+def apply(frame: Frame, ops: list[dict]) -> Frame:
+    """A copy of ``frame`` with ``ops`` applied; an operation on a person or point that does not
+    exist is an error that names it."""
+    out = frame.copy()
+    for n, op in enumerate(ops):
+        if op["person"] >= len(out.people):
+            raise PoseError(f"operation {n}: person {op['person']} does not exist (the pose has "
+                            f"{len(out.people)} people)")
+        person = out.people[op["person"]]
+        kind = op["op"]
+        if kind in ("set", "remove"):
+            count = PARTS[op["part"]][1]
+            if op["index"] >= count:
+                raise PoseError(f"operation {n}: {op['part']} has points 0 to {count - 1}, not {op['index']}")
+            points = person.part(op["part"])
+            if points is None:
+                if kind == "remove":
+                    continue
+                points = np.zeros((count, 3))
+                setattr(person, op["part"], points)
+            points[op["index"]] = (op["x"], op["y"], 1.0) if kind == "set" else (0.0, 0.0, 0.0)
+        elif kind == "translate":
+            for points in (person.body, person.face, person.hand_left, person.hand_right):
+                if points is not None:
+                    keep = present(points)
+                    points[keep, 0] += op["dx"]
+                    points[keep, 1] += op["dy"]
+        else:
+            for a, b in BODY_MIRROR:
+                person.body[[a, b]] = person.body[[b, a]]
+            person.hand_left, person.hand_right = person.hand_right, person.hand_left
+    return out

@@ -1,0 +1,192 @@
+"""The OpenPose keypoint format that comfyui_controlnet_aux passes as POSE_KEYPOINT, read and written.
+
+A POSE_KEYPOINT is a list of frames ``{"people": [...], "canvas_width": W, "canvas_height": H}``;
+each person has flat ``[x, y, confidence, ...]`` arrays ``pose_keypoints_2d`` (18 points),
+``face_keypoints_2d`` (70), ``hand_left_keypoints_2d`` and ``hand_right_keypoints_2d`` (21 each).
+A missing point is ``0, 0, 0``; a missing part is ``null``.
+
+Units differ by producer: its OpenPose detector writes coordinates normalised to 0-1, DWPose
+writes pixels. We read both (a frame whose present coordinates all lie in [0, 1] is normalised)
+and WRITE PIXELS of the frame's canvas, always.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PARTS = {"body": ("pose_keypoints_2d", 18), "face": ("face_keypoints_2d", 70),
+         "hand_left": ("hand_left_keypoints_2d", 21), "hand_right": ("hand_right_keypoints_2d", 21)}
+MAX_TEXT = 1_000_000  # characters of JSON text
+MAX_FRAMES = 256
+MAX_PEOPLE = 64
+MAX_CANVAS = 16384
+MAX_COORDINATE = 1e6
+
+
+@dataclass
+class Person:
+    """Keypoints in pixels: ``(n, 3)`` arrays of x, y, confidence (0 = missing); a missing part is None."""
+    body: np.ndarray = field(default_factory=lambda: np.zeros((18, 3)))
+    face: np.ndarray | None = None
+    hand_left: np.ndarray | None = None
+    hand_right: np.ndarray | None = None
+
+    def part(self, name: str) -> np.ndarray | None:
+        return getattr(self, name)
+
+    def copy(self) -> "Person":
+        return Person(*(None if p is None else p.copy() for p in (self.body, self.face, self.hand_left,
+                                                                   self.hand_right)))
+
+
+@dataclass
+class Frame:
+    width: int
+    height: int
+    people: list[Person] = field(default_factory=list)
+
+    def copy(self) -> "Frame":
+        return Frame(self.width, self.height, [p.copy() for p in self.people])
+
+
+def present(points: np.ndarray) -> np.ndarray:
+    """Which rows of an ``(n, 3)`` array are present points."""
+    return points[:, 2] > 0
+
+
+class PoseError(ValueError):
+    """A pose that cannot be read; the message says what is wrong with it."""
+
+
+def parse_text(text: str) -> list:
+    """JSON text of a POSE_KEYPOINT, refused when too long or too deeply nested."""
+    if not isinstance(text, str):
+        raise PoseError(f"expected JSON text, got {type(text).__name__}")
+    if len(text) > MAX_TEXT:
+        raise PoseError(f"the JSON text has {len(text):,} characters; at most {MAX_TEXT:,} are accepted")
+    depth = 0
+    for ch in text:  # bound nesting before the parser recurses
+        if ch in "[{":
+            depth += 1
+            if depth > 8:
+                raise PoseError("the JSON is nested deeper than a pose (more than 8 levels)")
+        elif ch in "]}":
+            depth -= 1
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise PoseError(f"it is not valid JSON: {e}") from None
+
+
+def _no_constant(name: str):
+    raise PoseError(f"{name} is not a coordinate")
+
+
+def _points(value, count: int, where: str) -> np.ndarray | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 3 * count:
+        got = f"{len(value)} numbers" if isinstance(value, list) else type(value).__name__
+        raise PoseError(f"{where} must be a list of {3 * count} numbers ({count} points of x, y, confidence) "
+                        f"or null, got {got}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise PoseError(f"{where} holds something that is not a number")
+    points = np.asarray(value, dtype=np.float64).reshape(count, 3)
+    if not np.isfinite(points).all() or np.abs(points).max(initial=0) > MAX_COORDINATE:
+        raise PoseError(f"{where} holds a NaN, an infinity or a number beyond {MAX_COORDINATE:g}")
+    points[points[:, 2] < 0, 2] = 0.0
+    points[~present(points)] = 0.0
+    return points
+
+
+def _size(frame: dict, key: str, where: str) -> int:
+    value = frame.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not 1 <= value <= MAX_CANVAS or value != int(value):
+        raise PoseError(f"{where}.{key} must be a whole number of pixels from 1 to {MAX_CANVAS}, got {value!r}")
+    return int(value)
+
+
+def from_pose_keypoint(data) -> list[Frame]:
+    """Frames from a POSE_KEYPOINT (a list of frame dicts, a single frame dict, or JSON text of either)."""
+    if isinstance(data, str):
+        data = parse_text(data)
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        raise PoseError("a POSE_KEYPOINT is a non-empty list of frames")
+    if len(data) > MAX_FRAMES:
+        raise PoseError(f"{len(data)} frames; at most {MAX_FRAMES}")
+    frames = []
+    for f, frame in enumerate(data):
+        where = f"frame {f}"
+        if not isinstance(frame, dict):
+            raise PoseError(f"{where} is not an object")
+        width, height = _size(frame, "canvas_width", where), _size(frame, "canvas_height", where)
+        people = frame.get("people", [])
+        if not isinstance(people, list) or len(people) > MAX_PEOPLE:
+            raise PoseError(f"{where}.people must be a list of at most {MAX_PEOPLE} people")
+        out = Frame(width, height)
+        for p, person in enumerate(people):
+            if not isinstance(person, dict):
+                raise PoseError(f"{where}.people[{p}] is not an object")
+            parts = {name: _points(person.get(key), n, f"{where}.people[{p}].{key}")
+                     for name, (key, n) in PARTS.items()}
+            if parts["body"] is None:
+                parts["body"] = np.zeros((18, 3))
+            out.people.append(Person(**parts))
+        _to_pixels(out)
+        frames.append(out)
+    return frames
+
+
+def _to_pixels(frame: Frame) -> None:
+    """Scale a normalised frame (every present coordinate within [0, 1]) to pixels, in place."""
+    parts = [p for person in frame.people for p in (person.body, person.face, person.hand_left, person.hand_right)
+             if p is not None]
+    coords = np.concatenate([p[present(p), :2] for p in parts]) if parts else np.zeros((0, 2))
+    if coords.size == 0 or coords.max() > 1.0 or coords.min() < 0.0:
+        return
+    for p in parts:
+        p[:, 0] *= frame.width
+        p[:, 1] *= frame.height
+
+
+def to_pose_keypoint(frames: list[Frame], normalised: bool = False) -> list[dict]:
+    """The POSE_KEYPOINT of ``frames``: pixels (our convention), or 0-1 when ``normalised``."""
+    out = []
+    for frame in frames:
+        people = []
+        for person in frame.people:
+            entry = {}
+            for name, (key, _) in PARTS.items():
+                points = person.part(name)
+                if points is None:
+                    entry[key] = None
+                    continue
+                points = points.copy()
+                if normalised:
+                    points[:, 0] /= frame.width
+                    points[:, 1] /= frame.height
+                points[~present(points)] = 0.0
+                entry[key] = [float(v) for v in points.reshape(-1)]
+            people.append(entry)
+        out.append({"people": people, "canvas_width": frame.width, "canvas_height": frame.height})
+    return out
+
+
+def translate(frame: Frame, dx: float, dy: float, width: int, height: int) -> Frame:
+    """The frame on a canvas of ``width x height`` with every present point moved by (dx, dy)."""
+    out = frame.copy()
+    out.width, out.height = width, height
+    for person in out.people:
+        for points in (person.body, person.face, person.hand_left, person.hand_right):
+            if points is not None:
+                keep = present(points)
+                points[keep, 0] += dx
+                points[keep, 1] += dy
+    return out
