@@ -103,8 +103,19 @@ class PoseEditOutpaint(io.ComfyNode):
                              ui={**preview, "pose_base": [json.dumps(base)], "pose_edited": [json.dumps(edited)]})
 
 
+def _detector_folder() -> str:
+    """The first folder holding the detector's files: those registered for "openpose" (extra model
+    paths), then ComfyUI/models/openpose (also where a hub download is cached)."""
+    default = os.path.join(folder_paths.models_dir, DETECTOR_FOLDER)
+    registered = folder_paths.folder_names_and_paths.get(DETECTOR_FOLDER, ([], set()))[0]
+    for folder in list(registered) + [default]:
+        if all(os.path.isfile(os.path.join(folder, name)) for name in detect.WEIGHTS):
+            return folder
+    return default
+
+
 def _detect_frames(image: torch.Tensor) -> list[openpose.Frame]:
-    folder = os.path.join(folder_paths.models_dir, DETECTOR_FOLDER)
+    folder = _detector_folder()
     try:
         detector = detect.load_detector(folder)
     except Exception as e:

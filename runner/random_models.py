@@ -56,7 +56,11 @@ KNOWN_FILES = {
     "sd_xl_base_1.0.safetensors": ("checkpoints", "sdxl"),
     "control_v11p_sd15_openpose_fp16.safetensors": ("controlnet", "controlnet_sd15"),
     "control_v11p_sd15_openpose.pth": ("controlnet", "controlnet_sd15"),
+    "body_pose_model.pth": ("openpose", "openpose_detector"),
+    "hand_pose_model.pth": ("openpose", "openpose_detector"),
+    "facenet.pth": ("openpose", "openpose_detector"),
 }
+RANDOM_MARK = "RANDOM_WEIGHTS.txt"  # beside random .pth files, which carry no metadata
 
 
 def cache_dir() -> Path:
@@ -69,6 +73,9 @@ def guess_kind(folder: str, name: str) -> str:
     """The random model to stand in for a file a workflow names (by known name, else by its name)."""
     if name in KNOWN_FILES:
         return KNOWN_FILES[name][1]
+    if folder == "openpose":
+        raise ValueError(f"no random stand-in for {name!r}; the OpenPose detector files are "
+                         "body_pose_model.pth, hand_pose_model.pth and facenet.pth")
     xl = "xl" in name.lower()
     if folder == "controlnet":
         if xl:
@@ -174,6 +181,10 @@ def ensure(folder: str, name: str, root: Path | None = None, seed: int = 0) -> P
     root = root or cache_dir()
     kind = guess_kind(folder, name)
     path = root / folder / name
+    if kind == "openpose_detector":
+        if not (path.is_file() and (path.parent / RANDOM_MARK).is_file()):
+            write_openpose_detector(path.parent, seed)
+        return path
     if path.is_file() and is_random_model(path):
         return path
     started = time.monotonic()
@@ -181,6 +192,23 @@ def ensure(folder: str, name: str, root: Path | None = None, seed: int = 0) -> P
     write_random_safetensors(path, layout(kind), seed, METADATA | {"kind": kind})
     logging.warning("Built %s (%.1f GB) in %.0f s.", path, path.stat().st_size / 1e9, time.monotonic() - started)
     return path
+
+
+def write_openpose_detector(folder: Path, seed: int = 0) -> Path:
+    """controlnet_aux's body, hand and face networks with random weights, saved as the
+    lllyasviel/Annotators ``.pth`` files are (torch pickles of state dicts), in ``folder``."""
+    from controlnet_aux.open_pose.face import FaceNet
+    from controlnet_aux.open_pose.model import bodypose_model, handpose_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    logging.warning("Writing a RANDOM-WEIGHT OpenPose detector to %s (smoke test only).", folder)
+    for model, name in ((bodypose_model(), "body_pose_model.pth"), (handpose_model(), "hand_pose_model.pth")):
+        # the Annotators files name layers without the stage prefix that the module tree adds
+        torch.save({k.split(".", 1)[1]: v for k, v in model.state_dict().items()}, folder / name)
+    torch.save(FaceNet().state_dict(), folder / "facenet.pth")
+    (folder / RANDOM_MARK).write_text(METADATA["consistent_synthesis"] + "\n")
+    return folder
 
 
 def extra_model_paths_yaml(root: Path, yaml_path: Path) -> Path:

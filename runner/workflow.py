@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 API_DIR = REPO / "workflows" / "api"
 
 # Inputs that name a model file, and the models folder the server looks it up in.
+DETECTOR_FILES = ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
 MODEL_INPUTS = {
     "ckpt_name": "checkpoints",
     "control_net_name": "controlnet",
@@ -64,6 +65,9 @@ def model_refs(prompt: dict) -> list[ModelRef]:
         for name, value in node.get("inputs", {}).items():
             if name in MODEL_INPUTS and isinstance(value, str):
                 refs.setdefault((MODEL_INPUTS[name], value), ModelRef(MODEL_INPUTS[name], value, node_id))
+        if node.get("class_type") == "PoseEditOutpaint" and "pose" not in node.get("inputs", {}):
+            for name in DETECTOR_FILES:  # no pose connected: the node runs the OpenPose detector
+                refs.setdefault(("openpose", name), ModelRef("openpose", name, node_id))
     return list(refs.values())
 
 

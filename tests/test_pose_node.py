@@ -109,17 +109,9 @@ def test_padding_off_the_latent_grid_is_refused_before_running():
 
 
 def random_detector_folder(folder):
-    """controlnet_aux's three networks with random weights, saved as the Annotators files are."""
-    from controlnet_aux.open_pose.face import FaceNet
-    from controlnet_aux.open_pose.model import bodypose_model, handpose_model
+    from consistent_synthesis.runner.random_models import write_openpose_detector
 
-    torch.manual_seed(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for model, name in ((bodypose_model(), "body_pose_model.pth"), (handpose_model(), "hand_pose_model.pth")):
-        # these files name layers without the stage prefix that the module tree adds
-        torch.save({k.split(".", 1)[1]: v for k, v in model.state_dict().items()}, folder / name)
-    torch.save(FaceNet().state_dict(), folder / "facenet.pth")
-    return folder
+    return write_openpose_detector(folder)
 
 
 def test_detector_loads_from_the_models_folder_and_its_output_is_converted(tmp_path, monkeypatch):

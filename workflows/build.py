@@ -80,6 +80,12 @@ NODE_SPECS: dict[str, NodeSpec] = {
     "ImageCompositeMasked": NodeSpec(
         (("destination", "IMAGE"), ("source", "IMAGE"), ("x", "INT"), ("y", "INT"), ("resize_source", "BOOLEAN"),
          ("mask", "MASK")), (("IMAGE", "IMAGE"),), "ImageCompositeMasked", optional=("mask",)),
+    "InvertMask": NodeSpec((("mask", "MASK"),), (("MASK", "MASK"),), "InvertMask"),
+    "PoseEditOutpaint": NodeSpec(
+        (("image", "IMAGE"), ("pad_left", "INT"), ("pad_top", "INT"), ("pad_right", "INT"), ("pad_bottom", "INT"),
+         ("feathering", "INT"), ("completion", "COMBO"), ("edits", "STRING"), ("pose", "POSE_KEYPOINT")),
+        (("image", "IMAGE"), ("mask", "MASK"), ("pose_image", "IMAGE"), ("pose", "POSE_KEYPOINT")),
+        "Pose Edit Outpaint", optional=("pose",)),
     "RePaintKSampler": NodeSpec(
         (("model", "MODEL"), ("seed", "INT"), ("steps", "INT"), ("cfg", "FLOAT"), ("sampler_name", "COMBO"),
          ("scheduler", "COMBO"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -265,7 +271,65 @@ def repaint(name: str, outpaint: bool) -> Graph:
     return g
 
 
+def consistent_character(name: str) -> Graph:
+    """(a) The consistent character graph: a cropped reference person is extended onto a taller canvas.
+    PoseEditOutpaint pads it and completes its OpenPose skeleton; an openpose ControlNet shapes the
+    new body; MasaCtrl (mask-guided: the new area reads the reference's pixels only) carries the
+    person's identity and clothing into the new area; RePaint harmonises it with the known part."""
+    g = Graph(name, "Consistent character outpainting: the cropped reference person continues below the frame "
+                    "in the completed (and editable) pose, keeping identity and clothing. Batch: the reference "
+                    "(kept) then the outpainted target.")
+    ckpt = g.add("CheckpointLoaderSimple", at=(0, 0), size=(320, 100), ckpt_name="v1-5-pruned-emaonly.safetensors")
+    image = g.add("LoadImage", "Reference (cropped person)", at=(0, 3), size=(320, 320), image=PERSON_IMAGE)
+    pose = g.add("PoseEditOutpaint", at=(1, 0), size=(340, 330), image=image[0], pad_left=0, pad_top=0,
+                 pad_right=0, pad_bottom=256, feathering=40, completion="auto", edits="")
+    source = g.add("CLIPTextEncode", "Source prompt", at=(1, 6), size=(360, 140), clip=ckpt[1],
+                   text="a photo of a woman in a red jacket, upper body")
+    target = g.add("CLIPTextEncode", "Target prompt", at=(1, 9), size=(360, 140), clip=ckpt[1],
+                   text="a photo of a woman in a red jacket and blue jeans, full body, standing")
+    negative = g.add("CLIPTextEncode", "Negative prompt", at=(1, 12), size=(360, 140), clip=ckpt[1],
+                     text=NEGATIVE)
+    batch = g.add("MasaCtrlConditioningBatch", at=(2, 6), size=(300, 60), source=source[0], target=target[0])
+    controlnet = g.add("ControlNetLoader", at=(2, 8), size=(320, 60),
+                       control_net_name="control_v11p_sd15_openpose_fp16.safetensors")
+    control = g.add("ControlNetApplyAdvanced", at=(3, 6), size=(320, 190), positive=batch[0], negative=negative[0],
+                    control_net=controlnet[0], image=pose[2], strength=1.0, start_percent=0.0, end_percent=1.0)
+    encode = g.add("VAEEncode", at=(2, 0), size=(220, 50), pixels=pose[0], vae=ckpt[2])
+    canvas = g.add("SetLatentNoiseMask", "Target canvas", at=(2, 2), size=(240, 50), samples=encode[0],
+                   mask=pose[1])
+    latents = g.add("MasaCtrlLatentBatch", at=(3, 0), size=(320, 150), source=encode[0], targets=1,
+                    source_is_reference=True, share_noise=True, target=canvas[0])
+    known = g.add("InvertMask", "Reference area", at=(2, 4), size=(220, 30), mask=pose[1])
+    patch = g.add("MasaCtrlAttentionPatch", at=(3, 3), size=(320, 220), model=ckpt[0], start_step=4,
+                  start_layer=10, end_step=-1, end_layer=-1, mode="mutual", source_index=0, source_mask=known[0],
+                  target_mask=pose[1])
+    sampler = g.add("RePaintKSampler", at=(4, 0), size=(320, 380), model=patch[0], seed=42, steps=50, cfg=7.5,
+                    sampler_name="euler_ancestral", scheduler="normal", positive=control[0], negative=control[1],
+                    latent_image=latents[0], denoise=1.0, jump_length=10, jump_n_sample=10,
+                    resample_start=0.0, resample_end=0.5)
+    decode = g.add("VAEDecode", at=(5, 0), size=(220, 50), samples=sampler[0], vae=ckpt[2])
+    g.add("SaveImage", at=(5, 2), size=(420, 400), images=decode[0], filename_prefix=f"consistent-synthesis/{name}")
+    return g
+
+
 INPUT_IMAGE = "consistent_synthesis_room.png"
+PERSON_IMAGE = "consistent_synthesis_person.png"
+
+
+def write_person_image(path: Path) -> None:
+    """A small procedural 'photo' of a person cropped at the waist (256 x 256)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (256, 256), (180, 200, 220))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((100, 30, 156, 96), fill=(230, 190, 160))  # head
+    draw.rectangle((92, 20, 164, 44), fill=(70, 50, 30))  # hair
+    draw.rectangle((118, 94, 138, 110), fill=(220, 180, 150))  # neck
+    draw.polygon([(70, 116), (186, 116), (176, 256), (80, 256)], fill=(190, 30, 40))  # jacket
+    draw.polygon([(70, 116), (52, 200), (66, 206), (84, 130)], fill=(180, 25, 35))  # arms
+    draw.polygon([(186, 116), (204, 200), (190, 206), (172, 130)], fill=(180, 25, 35))
+    path.parent.mkdir(exist_ok=True)
+    img.save(path, optimize=True)
 
 
 def write_input_image(path: Path) -> None:
@@ -287,6 +351,7 @@ def write_input_image(path: Path) -> None:
 WORKFLOWS = {
     "masactrl_sd15": lambda: masactrl_synthesis("masactrl_sd15", "v1-5-pruned-emaonly.safetensors", 512, 10, "SD1.5"),
     "masactrl_sdxl": lambda: masactrl_synthesis("masactrl_sdxl", "sd_xl_base_1.0.safetensors", 1024, 44, "SDXL"),
+    "consistent_character": lambda: consistent_character("consistent_character"),
     "repaint_inpaint": lambda: repaint("repaint_inpaint", outpaint=False),
     "repaint_outpaint": lambda: repaint("repaint_outpaint", outpaint=True),
 }
@@ -306,12 +371,13 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="fail if a file differs from the description")
     args = parser.parse_args(argv)
     stale = []
-    image = HERE / "input" / INPUT_IMAGE
-    if not image.is_file():
-        if args.check:
-            stale.append(image)
-        else:
-            write_input_image(image)
+    for name, write in ((INPUT_IMAGE, write_input_image), (PERSON_IMAGE, write_person_image)):
+        image = HERE / "input" / name
+        if not image.is_file():
+            if args.check:
+                stale.append(image)
+            else:
+                write(image)
     for make in WORKFLOWS.values():
         for path, text in render(make()).items():
             if args.check:
