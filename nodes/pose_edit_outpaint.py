@@ -8,6 +8,7 @@ import os
 import numpy as np
 import torch
 
+import comfy.model_management
 import folder_paths
 from comfy_api.latest import io, ui
 
@@ -16,10 +17,22 @@ from ..pose import complete, detect, edits, openpose, render
 NODE = "PoseEditOutpaint"
 PoseKeypoint = io.Custom("POSE_KEYPOINT")
 DETECTOR_FOLDER = "openpose"  # ComfyUI/models/openpose/{body_pose_model,hand_pose_model,facenet}.pth
+MAX_PAD = 4096
+MAX_FEATHERING = 512
+COMPLETIONS = ("auto", "none")
 
 
 def _error(input_name: str, message: str) -> ValueError:
     return ValueError(f"{NODE}: input '{input_name}': {message}")
+
+
+def _padding_problem(value) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_PAD:
+        return f"{value!r} must be a whole number of pixels from 0 to {MAX_PAD}."
+    if value % 8:
+        return (f"{value} is not a multiple of 8 (the latent grid); "
+                f"use {value - value % 8} or {value - value % 8 + 8}.")
+    return None
 
 
 def outpaint_mask(height: int, width: int, left: int, top: int, right: int, bottom: int,
@@ -45,7 +58,7 @@ class PoseEditOutpaint(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        pad = dict(default=0, min=0, max=4096, step=8)
+        pad = dict(default=0, min=0, max=MAX_PAD, step=8)
         return io.Schema(
             node_id=NODE,
             display_name="Pose Edit Outpaint",
@@ -61,17 +74,23 @@ class PoseEditOutpaint(io.ComfyNode):
                 io.Int.Input("pad_left", tooltip="Pixels added on the left (a multiple of 8).", **pad),
                 io.Int.Input("pad_top", tooltip="Pixels added on top (a multiple of 8).", **pad),
                 io.Int.Input("pad_right", tooltip="Pixels added on the right (a multiple of 8).", **pad),
-                io.Int.Input("pad_bottom", default=256, min=0, max=4096, step=8,
+                io.Int.Input("pad_bottom", default=256, min=0, max=MAX_PAD, step=8,
                              tooltip="Pixels added at the bottom (a multiple of 8), e.g. for the legs."),
-                io.Int.Input("feathering", default=40, min=0, max=512, tooltip=(
+                io.Int.Input("feathering", default=40, min=0, max=MAX_FEATHERING, tooltip=(
                     "Width in pixels of the seam band inside the original image that is regenerated softly.")),
-                io.Combo.Input("completion", options=["auto", "none"], default="auto", tooltip=(
+                io.Combo.Input("completion", options=list(COMPLETIONS), default="auto", tooltip=(
                     "auto: place the keypoints the crop cut off (legs below a cropped waist, arms beyond a "
                     "cropped shoulder) from the visible ones with average proportions. none: keep the pose.")),
                 io.String.Input("edits", default="", multiline=True, tooltip=(
-                    "Keypoint edits as JSON, written by the pose editor or by hand: a list of "
-                    '{"op": "set"|"remove"|"translate"|"mirror", "person": P, ...} in padded-canvas pixels '
-                    '(see the README). Empty: no edits.')),
+                    "Keypoint edits as JSON, written by the pose editor or by hand: a list of operations applied "
+                    "in order, in pixels of the padded canvas. "
+                    '{"op": "set", "person": P, "part": "body"|"face"|"hand_left"|"hand_right", "index": I, '
+                    '"x": X, "y": Y} moves a point (or adds a missing one); '
+                    '{"op": "remove", "person": P, "part": ..., "index": I} makes it missing; '
+                    '{"op": "translate", "person": P, "dx": DX, "dy": DY} moves the whole person; '
+                    '{"op": "mirror", "person": P} swaps left and right labels. '
+                    "Body points are OpenPose's 18 (0 nose, 1 neck, 2-4 right arm, 5-7 left arm, 8-10 right leg, "
+                    "11-13 left leg, 14-17 eyes and ears). Empty: no edits.")),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="The padded image (new area grey), for VAE Encode."),
@@ -84,12 +103,13 @@ class PoseEditOutpaint(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, pad_left, pad_top, pad_right, pad_bottom, **kwargs):
+    def validate_inputs(cls, pad_left, pad_top, pad_right, pad_bottom):
+        # Naming only the paddings keeps the host's own range and option checks for the other inputs.
         for name, value in (("pad_left", pad_left), ("pad_top", pad_top), ("pad_right", pad_right),
                             ("pad_bottom", pad_bottom)):
-            if isinstance(value, int) and value % 8:
-                return (f"{NODE}: input '{name}': {value} is not a multiple of 8 (the latent grid); "
-                        f"use {value - value % 8} or {value - value % 8 + 8}.")
+            problem = _padding_problem(value) if isinstance(value, int) else None  # a link is checked in execute
+            if problem:
+                return f"{NODE}: input '{name}': {problem}"
         return True
 
     @classmethod
@@ -122,6 +142,7 @@ def _detect_frames(image: torch.Tensor) -> list[openpose.Frame]:
         raise _error("pose", f"no pose was connected, and the OpenPose detector could not be loaded from "
                      f"{folder} ({e}). Put body_pose_model.pth, hand_pose_model.pth and facenet.pth from "
                      "lllyasviel/Annotators there, or connect a pose.") from e
+    detector.to(comfy.model_management.get_torch_device())  # one prompt's detector, dropped when it returns
     pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return [detect.detect(detector, frame) for frame in pixels]
 
@@ -130,8 +151,13 @@ def pose_edit_outpaint(image, pose, pad_left, pad_top, pad_right, pad_bottom, fe
     """(padded image, mask, pose image, base POSE_KEYPOINT, edited POSE_KEYPOINT)."""
     for name, value in (("pad_left", pad_left), ("pad_top", pad_top), ("pad_right", pad_right),
                         ("pad_bottom", pad_bottom)):
-        if value < 0 or value % 8:
-            raise _error(name, f"{value} must be a non-negative multiple of 8 (the latent grid).")
+        problem = _padding_problem(value)
+        if problem:
+            raise _error(name, problem)
+    if not isinstance(feathering, int) or isinstance(feathering, bool) or not 0 <= feathering <= MAX_FEATHERING:
+        raise _error("feathering", f"{feathering!r} must be a whole number of pixels from 0 to {MAX_FEATHERING}.")
+    if completion not in COMPLETIONS:
+        raise _error("completion", f"{completion!r} is not one of {list(COMPLETIONS)}.")
     if image.ndim != 4 or image.shape[-1] < 3:
         raise _error("image", f"expected an IMAGE of shape (batch, height, width, 3), got {tuple(image.shape)}")
     batch, height, width = image.shape[:3]

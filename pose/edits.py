@@ -9,16 +9,15 @@ A JSON list of operations applied in order; coordinates are pixels of the padded
 - ``{"op": "mirror", "person": P}`` swaps the person's left and right points (body, hands): labels
   swap, positions stay.
 
-An empty text means no edits.
+An empty text means no edits. Unknown operations or fields, bad indices, non-finite numbers, more
+than 10,000 operations or more than 1 MB of text are refused with a ``PoseError`` (a ValueError).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from .openpose import MAX_COORDINATE, PARTS, Frame, PoseError, parse_text, present
+from .openpose import MAX_COORDINATE, MAX_PEOPLE, MAX_TEXT, PARTS, Frame, PoseError, finite, parse_text, present
 
 MAX_OPERATIONS = 10_000
 # OpenPose 18 left/right pairs: shoulders, elbows, wrists, hips, knees, ankles, eyes, ears.
@@ -27,9 +26,20 @@ FIELDS = {"set": {"op", "person", "part", "index", "x", "y"}, "remove": {"op", "
           "translate": {"op", "person", "dx", "dy"}, "mirror": {"op", "person"}}
 
 
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
 def parse(text: str) -> list[dict]:
     """The list of operations in ``text``, validated (an empty text is no edits)."""
-    if text is None or not text.strip():
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        raise PoseError(f"edits must be JSON text, got {type(text).__name__}")
+    if len(text) > MAX_TEXT:  # before strip() copies it
+        raise PoseError(f"the edits text has {len(text):,} characters; at most {MAX_TEXT:,} bytes are accepted")
+    if not text.strip():
         return []
     ops = parse_text(text)
     if not isinstance(ops, list):
@@ -38,23 +48,22 @@ def parse(text: str) -> list[dict]:
         raise PoseError(f"{len(ops):,} operations; at most {MAX_OPERATIONS:,}")
     for n, op in enumerate(ops):
         where = f"operation {n}"
-        if not isinstance(op, dict) or op.get("op") not in FIELDS:
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str) or op["op"] not in FIELDS:
             raise PoseError(f"{where} must be an object with \"op\" one of {sorted(FIELDS)}")
         missing = FIELDS[op["op"]] - set(op)
         extra = set(op) - FIELDS[op["op"]]
         if missing or extra:
             raise PoseError(f"{where} ({op['op']}): missing {sorted(missing)}, unknown {sorted(extra)}")
-        for key in ("person", "index"):
-            if key in op and not (isinstance(op[key], int) and not isinstance(op[key], bool) and op[key] >= 0):
-                raise PoseError(f"{where}: {key} must be a whole number from 0")
+        for key, top in (("person", MAX_PEOPLE - 1), ("index", max(count for _, count in PARTS.values()) - 1)):
+            if key in op and not (isinstance(op[key], int) and not isinstance(op[key], bool)
+                                  and 0 <= op[key] <= top):
+                raise PoseError(f"{where}: {key} must be a whole number from 0 to {top}, got {_shown(op[key])}")
         for key in ("x", "y", "dx", "dy"):
-            if key in op:
-                v = op[key]
-                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
-                        or abs(v) > MAX_COORDINATE:
-                    raise PoseError(f"{where}: {key} must be a finite number of pixels, got {v!r}")
-        if "part" in op and op["part"] not in PARTS:
-            raise PoseError(f"{where}: part must be one of {sorted(PARTS)}, got {op['part']!r}")
+            if key in op and not finite(op[key]):
+                raise PoseError(f"{where}: {key} must be a finite number of pixels within +-{MAX_COORDINATE:g}, "
+                                f"got {_shown(op[key])}")
+        if "part" in op and not (isinstance(op["part"], str) and op["part"] in PARTS):
+            raise PoseError(f"{where}: part must be one of {sorted(PARTS)}, got {_shown(op['part'])}")
     return ops
 
 

@@ -8,12 +8,17 @@ A missing point is ``0, 0, 0``; a missing part is ``null``.
 Units differ by producer: its OpenPose detector writes coordinates normalised to 0-1, DWPose
 writes pixels. We read both (a frame whose present coordinates all lie in [0, 1] is normalised)
 and WRITE PIXELS of the frame's canvas, always.
+
+Its OpenPose detector also marks undetected hand and face points as ``-1/W, -1/H`` with
+confidence 1 (its renderer skips them); we read any point with a negative coordinate as missing
+and write it as ``0, 0, 0``. Every other point is written exactly as it was read.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +30,8 @@ MAX_FRAMES = 256
 MAX_PEOPLE = 64
 MAX_CANVAS = 16384
 MAX_COORDINATE = 1e6
+MAX_DEPTH = 8  # a POSE_KEYPOINT nests 5 levels, an edit list 2
+MAX_DIGITS = 20  # digits of an integer literal
 
 
 @dataclass
@@ -63,23 +70,47 @@ class PoseError(ValueError):
 
 
 def parse_text(text: str) -> list:
-    """JSON text of a POSE_KEYPOINT, refused when too long or too deeply nested."""
+    """JSON text of a POSE_KEYPOINT (or an edit list), refused when too long, too deeply nested or
+    holding integers too long to be coordinates; all checks run before or inside one linear parse."""
     if not isinstance(text, str):
         raise PoseError(f"expected JSON text, got {type(text).__name__}")
-    if len(text) > MAX_TEXT:
-        raise PoseError(f"the JSON text has {len(text):,} characters; at most {MAX_TEXT:,} are accepted")
+    if len(text) > MAX_TEXT or len(text.encode("utf-8", "surrogatepass")) > MAX_TEXT:
+        raise PoseError(f"the JSON text has {len(text):,} characters; at most {MAX_TEXT:,} bytes are accepted")
     depth = 0
     for ch in text:  # bound nesting before the parser recurses
         if ch in "[{":
             depth += 1
-            if depth > 8:
-                raise PoseError("the JSON is nested deeper than a pose (more than 8 levels)")
+            if depth > MAX_DEPTH:
+                raise PoseError(f"the JSON is nested deeper than a pose (more than {MAX_DEPTH} levels)")
         elif ch in "]}":
             depth -= 1
     try:
-        return json.loads(text, parse_constant=_no_constant)
-    except (json.JSONDecodeError, RecursionError) as e:
+        return json.loads(text, parse_constant=_no_constant, parse_int=_int)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        if isinstance(e, PoseError):
+            raise
         raise PoseError(f"it is not valid JSON: {e}") from None
+
+
+def _int(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_DIGITS:
+        raise PoseError(f"the integer {literal[:12]}... has {len(literal):,} digits; it is not a coordinate")
+    return int(literal)
+
+
+def is_number(value) -> bool:
+    """A real number that is not a bool (numpy scalars included)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def finite(value, bound: float = MAX_COORDINATE) -> bool:
+    """A number within +-``bound`` (no NaN, no infinity; checked without converting huge ints)."""
+    if not is_number(value):
+        return False
+    if isinstance(value, numbers.Integral):
+        return -bound <= value <= bound
+    value = float(value)
+    return math.isfinite(value) and abs(value) <= bound
 
 
 def _no_constant(name: str):
@@ -89,25 +120,26 @@ def _no_constant(name: str):
 def _points(value, count: int, where: str) -> np.ndarray | None:
     if value is None:
         return None
-    if not isinstance(value, list) or len(value) != 3 * count:
-        got = f"{len(value)} numbers" if isinstance(value, list) else type(value).__name__
+    if not isinstance(value, (list, tuple)) or len(value) != 3 * count:
+        got = f"{len(value)} numbers" if isinstance(value, (list, tuple)) else type(value).__name__
         raise PoseError(f"{where} must be a list of {3 * count} numbers ({count} points of x, y, confidence) "
                         f"or null, got {got}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    if not all(is_number(v) for v in value):
         raise PoseError(f"{where} holds something that is not a number")
-    points = np.asarray(value, dtype=np.float64).reshape(count, 3)
-    if not np.isfinite(points).all() or np.abs(points).max(initial=0) > MAX_COORDINATE:
+    if not all(finite(v) for v in value):
         raise PoseError(f"{where} holds a NaN, an infinity or a number beyond {MAX_COORDINATE:g}")
-    points[points[:, 2] < 0, 2] = 0.0
-    points[~present(points)] = 0.0
+    points = np.asarray([float(v) for v in value], dtype=np.float64).reshape(count, 3)
+    # missing: no confidence, or controlnet_aux's -1 marker for an undetected hand or face point
+    missing = (points[:, 2] <= 0) | (points[:, 0] < 0) | (points[:, 1] < 0)
+    points[missing] = 0.0
     return points
 
 
 def _size(frame: dict, key: str, where: str) -> int:
     value = frame.get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-            or not 1 <= value <= MAX_CANVAS or value != int(value):
-        raise PoseError(f"{where}.{key} must be a whole number of pixels from 1 to {MAX_CANVAS}, got {value!r}")
+    if not finite(value, MAX_CANVAS) or not 1 <= value <= MAX_CANVAS or value != int(value):
+        shown = repr(value) if len(repr(value)) < 40 else repr(value)[:40] + "..."
+        raise PoseError(f"{where}.{key} must be a whole number of pixels from 1 to {MAX_CANVAS}, got {shown}")
     return int(value)
 
 
@@ -127,7 +159,8 @@ def from_pose_keypoint(data) -> list[Frame]:
         if not isinstance(frame, dict):
             raise PoseError(f"{where} is not an object")
         width, height = _size(frame, "canvas_width", where), _size(frame, "canvas_height", where)
-        people = frame.get("people", [])
+        people = frame.get("people")
+        people = [] if people is None else people
         if not isinstance(people, list) or len(people) > MAX_PEOPLE:
             raise PoseError(f"{where}.people must be a list of at most {MAX_PEOPLE} people")
         out = Frame(width, height)

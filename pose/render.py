@@ -8,7 +8,6 @@ points white. Sizes are those of a 512 px canvas, scaled with the canvas's short
 
 from __future__ import annotations
 
-import colorsys
 import math
 
 import numpy as np
@@ -25,8 +24,11 @@ COLORS = [(255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0)
           (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85)]
 HAND_BONES = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0, 9), (9, 10), (10, 11), (11, 12),
               (0, 13), (13, 14), (14, 15), (15, 16), (0, 17), (17, 18), (18, 19), (19, 20)]
-HAND_COLORS = [tuple(int(c * 255) for c in colorsys.hsv_to_rgb(i / len(HAND_BONES), 1.0, 1.0))
-               for i in range(len(HAND_BONES))]
+# Hand bone i has hue i/20 at full saturation and value, rounded as OpenCV rounds a float colour
+# (half to even, so 76.5 -> 76 but 127.5 -> 128): the exact pixels controlnet_aux's draw_handpose writes.
+HAND_COLORS = [(255, 0, 0), (255, 77, 0), (255, 153, 0), (255, 229, 0), (204, 255, 0), (128, 255, 0), (51, 255, 0),
+               (0, 255, 25), (0, 255, 102), (0, 255, 179), (0, 255, 255), (0, 178, 255), (0, 102, 255), (0, 25, 255),
+               (51, 0, 255), (128, 0, 255), (204, 0, 255), (255, 0, 230), (255, 0, 153), (255, 0, 77)]
 
 
 def limb_color(index: int) -> tuple[int, int, int]:

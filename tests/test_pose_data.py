@@ -77,8 +77,19 @@ def test_missing_points_and_parts_keep_their_encoding():
     ("[]", "non-empty"),
     ("[{\"people\": [{\"pose_keypoints_2d\": [\"a\"" + ", 1" * 53 + "]}], \"canvas_width\": 8, \"canvas_height\": 8}]",
      "not a number"),
+    ("[{\"people\": [{\"pose_keypoints_2d\": [" + "9" * 5000 + ", 1" * 53 + "]}], \"canvas_width\": 8, "
+     "\"canvas_height\": 8}]", "digits"),
+    ("[{\"people\": [{\"pose_keypoints_2d\": [1" + "0" * 19 + ", 1" * 53 + "]}], \"canvas_width\": 8, "
+     "\"canvas_height\": 8}]", "beyond"),
+    ("[{\"people\": [], \"canvas_width\": 1" + "0" * 19 + ", \"canvas_height\": 8}]", "canvas_width"),
+    ("[{\"people\": [], \"canvas_width\": 1e999, \"canvas_height\": 8}]", "canvas_width"),
+    ("\"" + "\u00e9" * 600_000 + "\"", "bytes"),  # 600,000 characters, 1.2 MB of UTF-8
+    ("[{\"people\": [{\"face_keypoints_2d\": [1" + ", 1" * 203 + "]}], \"canvas_width\": 8, \"canvas_height\": 8}]",
+     "210 numbers"),
+    ("[{\"people\": 7, \"canvas_width\": 8, \"canvas_height\": 8}]", "people"),
 ])
 def test_hostile_pose_json_fails_fast_with_a_clear_message(bad, message):
+    assert issubclass(PoseError, ValueError)
     start = time.perf_counter()
     with pytest.raises(PoseError, match=message):
         openpose.from_pose_keypoint(bad)
@@ -189,10 +200,20 @@ def test_edits_set_remove_translate_and_mirror():
     ("[{\"op\": \"set\", \"person\": -1, \"part\": \"body\", \"index\": 1, \"x\": 1, \"y\": 1}]", "person"),
     ("[{\"op\": \"set\", \"person\": 0, \"part\": \"tail\", \"index\": 1, \"x\": 1, \"y\": 1}]", "part"),
     ("[" + ",".join(["{\"op\": \"mirror\", \"person\": 0}"] * 10_001) + "]", "10,000"),
+    ("[" + ",".join(["{\"op\": \"mirror\", \"person\": 0}"] * 40_000) + "]", "bytes"),
+    ("[{\"op\": [1], \"person\": 0}]", "one of"),
+    ("[{\"op\": \"remove\", \"person\": 0, \"part\": [\"body\"], \"index\": 1}]", "part"),
+    ("[{\"op\": \"mirror\", \"person\": 1" + "0" * 400 + "}]", "digits"),
+    ("[{\"op\": \"mirror\", \"person\": 100000}]", "person must be a whole number from 0 to 63"),
+    ("[{\"op\": \"translate\", \"person\": 0, \"dx\": 1e400, \"dy\": 0}]", "finite"),
+    ("[{\"op\": \"translate\", \"person\": 0, \"dx\": true, \"dy\": 0}]", "finite"),
+    ("[" * 50 + "]" * 50, "nested"),
 ])
-def test_bad_edits_fail_clearly(text, message):
+def test_bad_edits_fail_clearly_and_fast(text, message):
+    start = time.perf_counter()
     with pytest.raises(PoseError, match=message):
         edits.parse(text)
+    assert time.perf_counter() - start < 2.0
 
 
 def test_edits_on_a_point_or_person_that_does_not_exist_fail_clearly():
@@ -201,3 +222,81 @@ def test_edits_on_a_point_or_person_that_does_not_exist_fail_clearly():
         edits.apply(frame, edits.parse('[{"op": "mirror", "person": 3}]'))
     with pytest.raises(PoseError, match="points 0 to 17, not 18"):
         edits.apply(frame, edits.parse('[{"op": "remove", "person": 0, "part": "body", "index": 18}]'))
+
+
+def test_controlnet_aux_openpose_markers_for_undetected_hand_points_read_as_missing():
+    # its OpenPose detector writes an undetected hand or face point as -1/W, -1/H with confidence 1
+    frame = aux_frame(normalised=True)
+    hand = frame["people"][0]["hand_left_keypoints_2d"]
+    hand[0:3] = [-1 / 256, -1 / 384, 1.0]
+    person = openpose.from_pose_keypoint([frame])[0].people[0]
+    assert tuple(person.hand_left[0]) == (0, 0, 0)
+    np.testing.assert_allclose(person.body[1, :2], STANDING[1])  # the frame still reads as normalised
+    np.testing.assert_allclose(person.hand_left[1, :2], np.array(hand[3:5]) * [256, 384])
+    assert openpose.to_pose_keypoint([openpose.from_pose_keypoint([frame])[0]])[0]["people"][0][
+        "hand_left_keypoints_2d"][0:3] == [0.0, 0.0, 0.0]
+
+
+def reference_body_drawing(points, width, height):
+    """controlnet_aux's own draw_bodypose (the ControlNet annotator) on a black canvas."""
+    from controlnet_aux.open_pose import util
+    from controlnet_aux.open_pose.body import Keypoint
+
+    keypoints = [Keypoint(x / width, y / height) if i in points else None
+                 for i, (x, y) in ((i, points.get(i, (0, 0))) for i in range(18))]
+    return util.draw_bodypose(np.zeros((height, width, 3), np.uint8), keypoints)
+
+
+def test_body_rendering_matches_controlnet_aux_draw_bodypose_at_limbs_and_joints():
+    points = {i: (2 * x, 2 * y) for i, (x, y) in STANDING.items()}  # 512 x 768: the annotator's own scale
+    ours = render.render(openpose.Frame(512, 768, [openpose.Person(body_array(points))]))
+    theirs = reference_body_drawing(points, 512, 768)
+    for a, b in render.LIMBS:
+        x, y = (np.array(points[a]) + points[b]) // 2
+        assert tuple(ours[y, x]) == tuple(theirs[y, x]), (a, b)
+    for i, (x, y) in points.items():
+        assert tuple(ours[y, x]) == tuple(theirs[y, x]) == render.COLORS[i], i
+    # the same stick width and joint size: the drawn areas agree within 2 % (outlines differ by rasterisation)
+    assert abs(int((ours > 0).any(-1).sum()) - int((theirs > 0).any(-1).sum())) < 0.02 * (theirs > 0).any(-1).sum()
+
+
+def test_face_points_match_controlnet_aux_draw_facepose_and_hand_bones_its_hue_wheel():
+    import colorsys
+
+    import cv2
+    from controlnet_aux.open_pose import util
+    from controlnet_aux.open_pose.body import Keypoint
+
+    face = np.zeros((70, 3))
+    face[:5] = [(100, 100, 1), (140, 100, 1), (120, 130, 1), (105, 150, 1), (135, 150, 1)]
+    ours = render.render(openpose.Frame(512, 512, [openpose.Person(np.zeros((18, 3)), face=face)]))
+    theirs = util.draw_facepose(np.zeros((512, 512, 3), np.uint8),
+                                [Keypoint(x / 512, y / 512) for x, y, _ in face[:5]])
+    for x, y, _ in face[:5].astype(int):
+        assert tuple(ours[y, x]) == tuple(theirs[y, x]) == (255, 255, 255)
+    # radius-3 dots in both; PIL and OpenCV rasterise a small disc differently (37 against 29 pixels)
+    assert 1.0 <= (ours > 0).any(-1).sum() / (theirs > 0).any(-1).sum() < 1.35
+    # draw_handpose passes hsv(i / 20, 1, 1) * 255 as a float colour to cv2.line (matplotlib computes the
+    # same hsv as colorsys); what OpenCV writes from it is the table we draw with
+    for i, colour in enumerate(render.HAND_COLORS):
+        canvas = np.zeros((5, 5, 3), np.uint8)
+        cv2.line(canvas, (0, 2), (4, 2), [c * 255 for c in colorsys.hsv_to_rgb(i / 20, 1.0, 1.0)], thickness=2)
+        assert tuple(canvas[2, 2]) == colour, i
+
+
+def test_auto_completion_builds_torso_and_legs_below_a_bust_with_body_proportions():
+    # only head, neck and shoulders are in the 256 x 120 image; 512 px are padded below
+    bust = body_array(drop=(3, 4, 6, 7, 8, 9, 10, 11, 12, 13))
+    frame = openpose.Frame(256, 632, [openpose.Person(bust)])
+    done = complete.complete(frame, (0, 0, 256, 120)).people[0].body
+    assert openpose.present(done).all()
+    shoulders = np.hypot(*(done[2, :2] - done[5, :2]))  # 60 px: torso about 120 px
+    hips_y = done[[8, 11], 1].mean()
+    assert 0.8 * 2 * shoulders < hips_y - done[1, 1] < 1.2 * 2 * shoulders
+    for hip, knee, ankle in ((8, 9, 10), (11, 12, 13)):
+        assert done[hip, 1] < done[knee, 1] < done[ankle, 1]
+        leg = np.hypot(*(done[knee, :2] - done[hip, :2])) + np.hypot(*(done[ankle, :2] - done[knee, :2]))
+        assert 1.6 * shoulders < leg < 2.3 * shoulders  # legs about 0.98 torso, torso about 2 shoulder widths
+    assert done[8, 0] < done[11, 0]  # the right hip stays on the image's left, under the right shoulder
+    assert (done[:, 0] >= 0).all() and (done[:, 0] < 256).all() and (done[:, 1] < 632).all()
+    np.testing.assert_array_equal(done[[0, 1, 2, 5]], bust[[0, 1, 2, 5]])

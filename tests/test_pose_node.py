@@ -1,6 +1,7 @@
 """PoseEditOutpaint on the real ComfyUI host, with controlnet_aux's detector in its real file format."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -10,8 +11,13 @@ from conftest import require_host
 
 require_host()
 
+import comfy.cldm.cldm  # noqa: E402
+import comfy.controlnet  # noqa: E402
+import comfy.ops  # noqa: E402
+import comfy.sd  # noqa: E402
 import folder_paths  # noqa: E402
 import nodes as host_nodes  # noqa: E402
+from comfy.ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
 from consistent_synthesis.nodes import pose_edit_outpaint as node  # noqa: E402
@@ -103,9 +109,37 @@ def test_bad_inputs_fail_naming_the_node_and_input(kwargs, input_name):
         run(**kwargs)
 
 
-def test_padding_off_the_latent_grid_is_refused_before_running():
+def test_padding_off_the_latent_grid_or_out_of_range_is_refused_before_running():
     message = PoseEditOutpaint.validate_inputs(8, 0, 13, 0)
     assert "PoseEditOutpaint: input 'pad_right'" in message and "use 8 or 16" in message
+    assert "input 'pad_top'" in PoseEditOutpaint.validate_inputs(0, 10**9, 0, 0)
+    assert PoseEditOutpaint.validate_inputs(None, 8, 0, 4096) is True  # a linked value is checked in execute
+
+
+@pytest.mark.parametrize("kwargs,input_name", [
+    ({"left": 10**9}, "pad_left"),
+    ({"feathering": -1}, "feathering"),
+    ({"completion": "sometimes"}, "completion"),
+])
+def test_linked_values_out_of_range_fail_in_execute(kwargs, input_name):
+    # the host skips min/max/option checks for values that arrive through a link
+    with pytest.raises(ValueError, match=f"PoseEditOutpaint: input '{input_name}'"):
+        run(pose=[aux_frame()], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,input_name", [
+    ({"pose": "[" * 200_000 + "]" * 200_000}, "pose"),
+    ({"pose": "[" + "1," * 2_000_000 + "1]"}, "pose"),
+    ({"pose": [aux_frame()], "edits": "[" + ", ".join(['{"op": "mirror", "person": 0}'] * 40_000) + "]"}, "edits"),
+    ({"pose": [aux_frame()], "edits": '[{"op": "translate", "person": 0, "dx": 1' + "0" * 5000 + ', "dy": 0}]'},
+     "edits"),
+    ({"pose": [aux_frame()], "edits": '[{"op": "translate", "person": 0, "dx": NaN, "dy": 0}]'}, "edits"),
+])
+def test_hostile_text_fails_fast_naming_the_node_and_input(kwargs, input_name):
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"PoseEditOutpaint: input '{input_name}'"):
+        run(**kwargs)
+    assert time.perf_counter() - start < 2.0
 
 
 def random_detector_folder(folder):
@@ -150,6 +184,44 @@ def test_outputs_plug_into_set_latent_noise_mask_and_repaint_ksampler_without_gl
     assert torch.equal(out[..., :4], latent["samples"][..., :4])  # the original image's left half is kept
 
 
+def tiny_controlnet_and_vae():
+    """A random-weight ControlNet shaped like the tiny SD1.5 UNet (3-channel hint) and a small KL VAE,
+    wrapped in the host's ControlNet and VAE classes as its loaders would wrap them."""
+    config = {k: v for k, v in tm.UNET_CONFIGS["sd15"].items() if k != "out_channels"}
+    control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                               device="cpu", **config)
+    tm.randomize(control_model, 3)
+    control_net = comfy.controlnet.ControlNet(control_model, load_device=torch.device("cpu"))
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    autoencoder = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    tm.randomize(autoencoder, 4)
+    vae = comfy.sd.VAE(sd=autoencoder.state_dict(), config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})
+    return control_model, control_net, vae
+
+
+def test_outputs_plug_into_controlnet_apply_advanced_vae_encode_and_set_latent_noise_mask():
+    image = torch.rand(1, 96, 64, 3, generator=torch.Generator().manual_seed(1))
+    pose = [aux_frame(width=64, height=96, normalised=True)]
+    padded, mask, pose_image, _, _ = node.pose_edit_outpaint(image, pose, 0, 0, 32, 32, 8, "auto", "")
+    control_model, control_net, vae = tiny_controlnet_and_vae()
+    hints = []
+    hook = control_model.input_hint_block.register_forward_hook(lambda m, args, out: hints.append(args[0].clone()))
+    try:
+        positive, negative = host_nodes.ControlNetApplyAdvanced().apply_controlnet(
+            tm.conditioning("sd15"), tm.conditioning("sd15", seed=1), control_net, pose_image, 1.0, 0.0, 1.0)
+        latent = host_nodes.SetLatentNoiseMask().set_mask(host_nodes.VAEEncode().encode(vae, padded)[0], mask)[0]
+        out = host_nodes.common_ksampler(tm.tiny_model("sd15"), 0, 2, 2.0, "euler", "normal", positive, negative,
+                                         latent)[0]["samples"]
+    finally:
+        hook.remove()
+    assert out.shape == latent["samples"].shape == (1, 4, 128 // 8, 96 // 8)
+    assert hints and all(torch.equal(h[:1], pose_image.movedim(-1, 1)) for h in hints)  # the hint, unresized
+    # the latent cells far from the padded sides keep the encoded original
+    assert torch.allclose(out[..., :9, :6], latent["samples"][..., :9, :6], atol=1e-5)
+    assert not torch.allclose(out[..., 13:, :], latent["samples"][..., 13:, :])
+
+
 def test_node_runs_on_the_server_and_reports_the_pose_to_the_frontend(comfy_server):
     random_detector_folder(comfy_server.base / "models" / "openpose")
     prompt = {
@@ -159,11 +231,14 @@ def test_node_runs_on_the_server_and_reports_the_pose_to_the_frontend(comfy_serv
             "completion": "auto", "edits": ""}},
         "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 2]}},
     }
+    info = comfy_server.get("/object_info/PoseEditOutpaint")["PoseEditOutpaint"]
+    assert info["output"] == ["IMAGE", "MASK", "IMAGE", "POSE_KEYPOINT"]
+    assert set(info["input"]["required"]) >= {"image", "pad_left", "pad_top", "pad_right", "pad_bottom",
+                                             "feathering", "completion", "edits"}
+    assert "pose" in info["input"]["optional"] and info["input"]["required"]["edits"][1]["default"] == ""
     status, body = comfy_server.post("/prompt", {"prompt": prompt})
     assert status == 200, body
     prompt_id = body["prompt_id"]
-    import time
-
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         history = comfy_server.get(f"/history/{prompt_id}")
