@@ -292,7 +292,7 @@ def consistent_character(name: str) -> Graph:
     batch = g.add("MasaCtrlConditioningBatch", at=(2, 6), size=(300, 60), source=source[0], target=target[0])
     controlnet = g.add("ControlNetLoader", at=(2, 8), size=(320, 60),
                        control_net_name="control_v11p_sd15_openpose_fp16.safetensors")
-    control = g.add("ControlNetApplyAdvanced", at=(3, 6), size=(320, 190), positive=batch[0], negative=negative[0],
+    control = g.add("ControlNetApplyAdvanced", at=(3, 7.5), size=(320, 190), positive=batch[0], negative=negative[0],
                     control_net=controlnet[0], image=pose[2], strength=1.0, start_percent=0.0, end_percent=1.0)
     encode = g.add("VAEEncode", at=(2, 0), size=(220, 50), pixels=pose[0], vae=ckpt[2])
     canvas = g.add("SetLatentNoiseMask", "Target canvas", at=(2, 2), size=(240, 50), samples=encode[0],
