@@ -6,9 +6,9 @@ A test module starts with::
     require_host()
     from browser import require_browser
     require_browser()
-    from browser import browser_fixture, browser_server_fixture, comfy_page_fixture  # noqa: F401
 
-(the fixtures are named ``browser``, ``browser_server`` and ``comfy_page``)
+and uses the fixtures ``browser``, ``browser_server`` and ``comfy_page``, which conftest.py registers once
+for the session (one Playwright per process).
 
 ``browser_server`` is ``main.py --cpu`` on loopback with the pack and a small test-only node pack
 (``CSTestPoseKeypoint``: JSON text in, POSE_KEYPOINT out) installed in its scratch folder;

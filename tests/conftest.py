@@ -74,3 +74,8 @@ def comfy_server(tmp_path_factory):
     server = ComfyServer(require_host(), tmp_path_factory.mktemp("comfyui"), cpu=True).start()
     yield server
     server.stop()
+
+
+# The browser fixtures live in one place so the session's Playwright and Chromium are shared by every
+# browser test module (a second sync Playwright in the same process fails).
+from browser import browser_fixture, browser_server_fixture, comfy_page_fixture  # noqa: E402,F401

@@ -18,12 +18,7 @@ from browser import require_browser
 
 require_browser()
 
-from browser import (  # noqa: F401
-    browser_fixture,
-    browser_server_fixture,
-    comfy_page_fixture,
-    copy_to_docs,
-)
+from browser import copy_to_docs  # noqa: E402
 
 IMAGE = "cs_pose_editor_person.png"
 WIDTH, HEIGHT, PAD_RIGHT, PAD_BOTTOM = 192, 256, 64, 64
@@ -107,11 +102,17 @@ def open_editor(comfy, node_id: int):
     comfy.page.wait_for_function("""(id) => { app.graph.setDirtyCanvas(true, true);
         return typeof app.graph.getNodeById(id).widgets.find((w) => w.name === 'edit pose').y === 'number'; }""",
                                  arg=node_id)
-    x, y = comfy.widget_screen_point(node_id, "edit pose")
-    comfy.page.mouse.click(x, y)
     dialog = comfy.page.locator(".cs-pose-editor")
-    dialog.wait_for(state="visible", timeout=10_000)
-    return dialog
+    for attempt in range(3):  # a toast or a late redraw after a queued run can take the first click
+        x, y = comfy.widget_screen_point(node_id, "edit pose")
+        comfy.page.mouse.click(x, y)
+        try:
+            dialog.wait_for(state="visible", timeout=10_000)
+            return dialog
+        except Exception:
+            if attempt == 2:
+                raise
+            comfy.page.wait_for_timeout(500)
 
 
 def joint(comfy, part: str, index: int, person: int = 0):

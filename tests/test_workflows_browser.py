@@ -14,7 +14,7 @@ from browser import require_browser  # noqa: E402
 
 require_browser()
 
-from browser import browser_fixture, browser_server_fixture, comfy_page_fixture, copy_to_docs  # noqa: E402,F401
+from browser import copy_to_docs  # noqa: E402
 
 UI_FILES = sorted((REPO / "workflows").glob("*.json"))
 
