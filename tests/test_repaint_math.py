@@ -37,6 +37,31 @@ def test_schedule_is_the_official_one_on_sigma_indices(steps, jump_length, jump_
     assert R.jump_schedule(steps, jump_length, jump_n_sample) == [steps - 1 - t for t in official]
 
 
+def paper_schedule(steps, jump_length, jump_n_sample):
+    """The schedule as the paper describes it (Sec. 4.2, Fig. 3), built without the official loop:
+    walk t = T-1 ... 0, -1 one level at a time; at every jump point t = 0, L, 2L, ... below T - L
+    go up L levels and down again, jump_n_sample - 1 times. Returned as sigma indices."""
+    points = set(range(0, steps - jump_length, jump_length))
+    times = []
+    for t in range(steps - 1, -2, -1):
+        times.append(t)
+        if t in points:
+            for _ in range(jump_n_sample - 1):
+                times += list(range(t + 1, t + jump_length + 1))
+                times += list(range(t + jump_length - 1, t - 1, -1))
+    return [steps - 1 - t for t in times]
+
+
+@pytest.mark.parametrize("steps,jump_length,jump_n_sample", [
+    (250, 10, 10), (50, 10, 10), (20, 5, 3), (30, 7, 4), (10, 10, 10), (12, 1, 2), (8, 3, 1), (5, 9, 4)])
+def test_schedule_is_the_papers_description(steps, jump_length, jump_n_sample):
+    schedule = R.jump_schedule(steps, jump_length, jump_n_sample)
+    assert schedule == paper_schedule(steps, jump_length, jump_n_sample)
+    # closed form: every jump point re-denoises jump_length levels, jump_n_sample - 1 more times
+    points = len(range(0, steps - jump_length, jump_length))
+    assert R.model_steps(schedule) == steps + (jump_n_sample - 1) * jump_length * points
+
+
 @pytest.mark.parametrize("steps,evaluations", [(250, 2410), (50, 410)])
 def test_paper_settings_give_the_papers_evaluation_counts(steps, evaluations):
     assert R.model_steps(R.jump_schedule(steps, 10, 10)) == evaluations
