@@ -180,14 +180,8 @@ def pose_edit_outpaint(image, pose, pad_left, pad_top, pad_right, pad_bottom, fe
     base_frames, edited_frames = [], []
     for frame in frames:
         # a pose given for another canvas (e.g. a detector's resolution) is scaled to the image first
-        sx, sy = width / frame.width, height / frame.height
-        scaled = openpose.translate(frame, 0, 0, width, height)
-        for person in scaled.people:
-            for points in (person.body, person.face, person.hand_left, person.hand_right):
-                if points is not None:
-                    points[:, 0] *= sx
-                    points[:, 1] *= sy
-        moved = openpose.translate(scaled, pad_left, pad_top, new_w, new_h)
+        moved = openpose.place(frame, new_w, new_h, scale=(width / frame.width, height / frame.height),
+                               offset=(pad_left, pad_top))
         if completion == "auto":
             moved = complete.complete(moved, visible)
         base_frames.append(moved)

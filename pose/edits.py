@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .openpose import MAX_COORDINATE, MAX_PEOPLE, MAX_TEXT, PARTS, Frame, PoseError, finite, parse_text, present
+from .openpose import MAX_COORDINATE, MAX_PEOPLE, MAX_TEXT, PARTS, Frame, PoseError, finite, parse_text
 
 MAX_OPERATIONS = 10_000
 # OpenPose 18 left/right pairs: shoulders, elbows, wrists, hips, knees, ankles, eyes, ears.
@@ -89,11 +89,7 @@ def apply(frame: Frame, ops: list[dict]) -> Frame:
                 setattr(person, op["part"], points)
             points[op["index"]] = (op["x"], op["y"], 1.0) if kind == "set" else (0.0, 0.0, 0.0)
         elif kind == "translate":
-            for points in (person.body, person.face, person.hand_left, person.hand_right):
-                if points is not None:
-                    keep = present(points)
-                    points[keep, 0] += op["dx"]
-                    points[keep, 1] += op["dy"]
+            person.move(1.0, 1.0, op["dx"], op["dy"])
         else:
             for a, b in BODY_MIRROR:
                 person.body[[a, b]] = person.body[[b, a]]

@@ -49,6 +49,17 @@ class Person:
         return Person(*(None if p is None else p.copy() for p in (self.body, self.face, self.hand_left,
                                                                    self.hand_right)))
 
+    def parts(self) -> list[np.ndarray]:
+        """The keypoint arrays this person has (the body always; face and hands when given)."""
+        return [p for p in (self.body, self.face, self.hand_left, self.hand_right) if p is not None]
+
+    def move(self, sx: float, sy: float, dx: float, dy: float) -> None:
+        """Scale by (sx, sy), then shift by (dx, dy), every present point, in place."""
+        for points in self.parts():
+            keep = present(points)
+            points[keep, 0] = points[keep, 0] * sx + dx
+            points[keep, 1] = points[keep, 1] * sy + dy
+
 
 @dataclass
 class Frame:
@@ -179,14 +190,12 @@ def from_pose_keypoint(data) -> list[Frame]:
 
 def _to_pixels(frame: Frame) -> None:
     """Scale a normalised frame (every present coordinate within [0, 1]) to pixels, in place."""
-    parts = [p for person in frame.people for p in (person.body, person.face, person.hand_left, person.hand_right)
-             if p is not None]
+    parts = [p for person in frame.people for p in person.parts()]
     coords = np.concatenate([p[present(p), :2] for p in parts]) if parts else np.zeros((0, 2))
     if coords.size == 0 or coords.max() > 1.0 or coords.min() < 0.0:
         return
-    for p in parts:
-        p[:, 0] *= frame.width
-        p[:, 1] *= frame.height
+    for person in frame.people:
+        person.move(frame.width, frame.height, 0.0, 0.0)
 
 
 def to_pose_keypoint(frames: list[Frame], normalised: bool = False) -> list[dict]:
@@ -212,14 +221,12 @@ def to_pose_keypoint(frames: list[Frame], normalised: bool = False) -> list[dict
     return out
 
 
-def translate(frame: Frame, dx: float, dy: float, width: int, height: int) -> Frame:
-    """The frame on a canvas of ``width x height`` with every present point moved by (dx, dy)."""
+def place(frame: Frame, width: int, height: int, scale: tuple[float, float] = (1.0, 1.0),
+          offset: tuple[float, float] = (0.0, 0.0)) -> Frame:
+    """The frame on a canvas of ``width x height``, every present point scaled by ``scale`` and then
+    shifted by ``offset`` (pixels)."""
     out = frame.copy()
     out.width, out.height = width, height
     for person in out.people:
-        for points in (person.body, person.face, person.hand_left, person.hand_right):
-            if points is not None:
-                keep = present(points)
-                points[keep, 0] += dx
-                points[keep, 1] += dy
+        person.move(*scale, *offset)
     return out

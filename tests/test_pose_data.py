@@ -98,7 +98,7 @@ def test_hostile_pose_json_fails_fast_with_a_clear_message(bad, message):
 
 def test_translation_moves_present_points_exactly_and_leaves_missing_ones():
     frame = openpose.from_pose_keypoint(aux_frame())[0]
-    moved = openpose.translate(frame, 64, 8, 384, 392)
+    moved = openpose.place(frame, 384, 392, offset=(64, 8))
     p, q = frame.people[0], moved.people[0]
     ok = openpose.present(p.body)
     np.testing.assert_array_equal(q.body[ok, :2], p.body[ok, :2] + [64, 8])
