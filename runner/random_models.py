@@ -210,12 +210,3 @@ def write_openpose_detector(folder: Path, seed: int = 0) -> Path:
     (folder / RANDOM_MARK).write_text(METADATA["consistent_synthesis"] + "\n")
     return folder
 
-
-def extra_model_paths_yaml(root: Path, yaml_path: Path) -> Path:
-    """An ``--extra-model-paths-config`` file that adds the cache's folders to the server's."""
-    yaml_path.write_text(
-        "consistent_synthesis_random_models:\n"
-        f"    base_path: {json.dumps(str(root))}\n"
-        "    checkpoints: checkpoints\n"
-        "    controlnet: controlnet\n")
-    return yaml_path
