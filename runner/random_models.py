@@ -38,6 +38,12 @@ UNET_CONFIGS = {
         "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
         "use_linear_in_transformer": False, "num_heads": 8, "num_head_channels": -1,
     },
+    "sd21": _UNET_COMMON | {
+        "adm_in_channels": None, "context_dim": 1024, "num_res_blocks": [2, 2, 2, 2],
+        "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_linear_in_transformer": True, "num_heads": -1, "num_head_channels": 64,
+    },
     "sdxl": _UNET_COMMON | {
         "num_classes": "sequential", "adm_in_channels": 2816, "context_dim": 2048,
         "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],

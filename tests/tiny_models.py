@@ -14,34 +14,16 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 
+from consistent_synthesis.runner.random_models import UNET_CONFIGS as RELEASED
+
 CONTEXT_DIM = 32
 
-_COMMON = {
-    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
-    "use_spatial_transformer": True, "legacy": False, "dtype": torch.float32,
-    "model_channels": 32, "context_dim": CONTEXT_DIM,
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-
+# The released models' topology (blocks, transformer depths, attention layout) at a tiny width.
+_TINY = {"model_channels": 32, "context_dim": CONTEXT_DIM}
 UNET_CONFIGS = {
-    "sd15": _COMMON | {
-        "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "use_linear_in_transformer": False, "num_heads": 8, "num_head_channels": -1,
-    },
-    "sd21": _COMMON | {
-        "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "use_linear_in_transformer": True, "num_heads": -1, "num_head_channels": 16,
-    },
-    "sdxl": _COMMON | {
-        "num_classes": "sequential", "adm_in_channels": 2816, "num_res_blocks": [2, 2, 2],
-        "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
-        "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-        "use_linear_in_transformer": True, "num_heads": -1, "num_head_channels": 16,
-    },
+    "sd15": RELEASED["sd15"] | _TINY,
+    "sd21": RELEASED["sd21"] | _TINY | {"num_head_channels": 16},
+    "sdxl": RELEASED["sdxl"] | _TINY | {"num_head_channels": 16},
 }
 
 MODEL_CONFIG_CLASSES = {
@@ -52,19 +34,12 @@ MODEL_CONFIG_CLASSES = {
 
 SELF_ATTENTION_LAYERS = {"sd15": 16, "sd21": 16, "sdxl": 70}
 
-# The released models' widths, for benchmarks and the full-size end-to-end tier.
-FULL_SIZE = {
-    "sd15": {"model_channels": 320, "context_dim": 768, "num_heads": 8, "num_head_channels": -1},
-    "sd21": {"model_channels": 320, "context_dim": 1024, "num_heads": -1, "num_head_channels": 64},
-    "sdxl": {"model_channels": 320, "context_dim": 2048, "num_heads": -1, "num_head_channels": 64},
-}
-
 
 def tiny_model(kind: str = "sd15", model_type=comfy.model_base.ModelType.EPS, seed: int = 0,
                full_size: bool = False, device: str = "cpu",
                dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher over a random-weight UNet of the given family (tiny unless ``full_size``)."""
-    config = dict(UNET_CONFIGS[kind]) | (FULL_SIZE[kind] if full_size else {}) | {"dtype": dtype}
+    config = dict(RELEASED[kind] if full_size else UNET_CONFIGS[kind]) | {"dtype": dtype}
     model_config = MODEL_CONFIG_CLASSES[kind](config)
     # the family's class forces its head layout (64 channels a head); keep the shrunk one
     for key in ("num_heads", "num_head_channels"):
@@ -100,5 +75,5 @@ def conditioning(kind: str, batch: int = 1, seed: int = 0, tokens: int = 77, ful
     extra = {}
     if kind == "sdxl":
         extra["pooled_output"] = torch.randn(batch, 1280, generator=gen)
-    width = FULL_SIZE[kind]["context_dim"] if full_size else CONTEXT_DIM
+    width = RELEASED[kind]["context_dim"] if full_size else CONTEXT_DIM
     return [[torch.randn(batch, tokens, width, generator=gen), extra]]
