@@ -49,6 +49,16 @@ def attn1_modules(model):
     return found
 
 
+def recorded(model, **sample_kwargs) -> "AttentionRecorder":
+    """The attention calls of one sampling run of ``model`` (hooks removed afterwards)."""
+    recorder = AttentionRecorder(model)
+    try:
+        sample(model, **sample_kwargs)
+    finally:
+        recorder.close()
+    return recorder
+
+
 class AttentionRecorder:
     """Records each self-attention layer's input and output on every UNet call."""
 
@@ -74,6 +84,12 @@ class AttentionRecorder:
     def close(self):
         for h in self.handles:
             h.remove()
+
+    def projections(self, key, call: int = 0):
+        """(recorded call, attention module, q, k, v) of one layer's call."""
+        record, attn = self.calls[key][call], self.calls[key + ("module",)]
+        x = record["x"]
+        return record, attn, attn.to_q(x), attn.to_k(x), attn.to_v(x)
 
     def classify(self, chunks, source=0):
         """Per layer and call: 'plain' self-attention, 'mutual' for the targets, or 'other'."""
@@ -146,11 +162,7 @@ def test_source_row_never_changes_and_targets_do(sd15, sd15_plain):
 
 def test_sd15_defaults_patch_exactly_output_blocks_6_to_11_from_step_4(sd15):
     model = patched(sd15, start_step=2, start_layer=10)
-    recorder = AttentionRecorder(model)
-    try:
-        sample(model, steps=4, cfg=5.0)
-    finally:
-        recorder.close()
+    recorder = recorded(model, steps=4, cfg=5.0)
     kinds = recorder.classify(chunks=2)
     mutual_layers = {("output", i, 0) for i in range(6, 12)}
     for key, per_call in kinds.items():
@@ -160,11 +172,7 @@ def test_sd15_defaults_patch_exactly_output_blocks_6_to_11_from_step_4(sd15):
 
 def test_sdxl_layer_44_on_patches_output_blocks_1_to_5(sdxl):
     model = patched(sdxl, start_step=0, start_layer=44)
-    recorder = AttentionRecorder(model)
-    try:
-        sample(model, kind="sdxl", steps=1, cfg=1.0, batch=2)
-    finally:
-        recorder.close()
+    recorder = recorded(model, kind="sdxl", steps=1, cfg=1.0, batch=2)
     kinds = recorder.classify(chunks=1)
     changed = {key for key, per_call in kinds.items() if per_call == ["mutual"]}
     untouched = {key for key, per_call in kinds.items() if per_call == ["plain"]}
@@ -175,14 +183,8 @@ def test_sdxl_layer_44_on_patches_output_blocks_1_to_5(sdxl):
 
 def test_union_mode_targets_attend_over_source_and_own_keys(sd15):
     model = patched(sd15, start_step=0, start_layer=15, mode="union")
-    recorder = AttentionRecorder(model)
-    try:
-        sample(model, steps=1, cfg=1.0, batch=2)
-    finally:
-        recorder.close()
-    call = recorder.calls[("output", 11, 0)][0]
-    attn = recorder.calls[("output", 11, 0, "module")]
-    q, k, v = attn.to_q(call["x"]), attn.to_k(call["x"]), attn.to_v(call["x"])
+    recorder = recorded(model, steps=1, cfg=1.0, batch=2)
+    call, attn, q, k, v = recorder.projections(("output", 11, 0))
     union = M.sdpa_attention(q[1:], torch.cat([k[:1], k[1:]], 1), torch.cat([v[:1], v[1:]], 1), attn.heads)
     torch.testing.assert_close(call["out"][1:], union, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(call["out"][:1], M.sdpa_attention(q[:1], k[:1], v[:1], attn.heads), rtol=1e-4, atol=1e-5)
@@ -207,11 +209,7 @@ def test_source_index_other_than_zero(sd15):
 
 def test_heun_steps_are_counted_by_sigma_not_by_calls(sd15):
     model = patched(sd15, start_step=2, start_layer=15)
-    recorder = AttentionRecorder(model)
-    try:
-        sample(model, steps=4, cfg=1.0, sampler="heun", batch=2)
-    finally:
-        recorder.close()
+    recorder = recorded(model, steps=4, cfg=1.0, sampler="heun", batch=2)
     # heun evaluates s0,s1 | s1,s2 | s2,s3 | s3 (last step to 0 is an euler step);
     # step i covers (s[i+1], s[i]], so evaluations at s2 and s3 belong to steps 2 and 3.
     assert recorder.classify(chunks=1)[("output", 11, 0)] == ["plain", "plain", "plain", "mutual",
@@ -220,21 +218,13 @@ def test_heun_steps_are_counted_by_sigma_not_by_calls(sd15):
 
 def test_denoise_below_one_counts_steps_of_the_truncated_run(sd15):
     model = patched(sd15, start_step=1, start_layer=15)
-    recorder = AttentionRecorder(model)
-    try:
-        sample(model, steps=3, cfg=1.0, denoise=0.5, batch=2)
-    finally:
-        recorder.close()
+    recorder = recorded(model, steps=3, cfg=1.0, denoise=0.5, batch=2)
     assert recorder.classify(chunks=1)[("output", 11, 0)] == ["plain", "mutual", "mutual"]
 
 
 def test_end_step_and_end_layer_bound_the_window(sd15):
     model = patched(sd15, start_step=1, end_step=2, start_layer=9, end_layer=11)
-    recorder = AttentionRecorder(model)
-    try:
-        sample(model, steps=3, cfg=1.0, batch=2)
-    finally:
-        recorder.close()
+    recorder = recorded(model, steps=3, cfg=1.0, batch=2)
     kinds = recorder.classify(chunks=1)
     for key, per_call in kinds.items():
         expected = ["plain", "mutual", "plain"] if key in {("output", 5, 0), ("output", 6, 0)} else ["plain"] * 3
@@ -254,14 +244,8 @@ def test_mask_guided_layer_matches_subset_attention(sd15):
     target_mask = torch.zeros(1, 128, 128)
     target_mask[:, :64] = 1
     model = patched(sd15, start_step=0, start_layer=15, source_mask=source_mask, target_mask=target_mask)
-    recorder = AttentionRecorder(model)
-    try:
-        sample(model, steps=1, cfg=1.0, batch=2)
-    finally:
-        recorder.close()
-    call = recorder.calls[("output", 11, 0)][0]
-    attn = recorder.calls[("output", 11, 0, "module")]
-    q, k, v = attn.to_q(call["x"]), attn.to_k(call["x"]), attn.to_v(call["x"])
+    recorder = recorded(model, steps=1, cfg=1.0, batch=2)
+    call, attn, q, k, v = recorder.projections(("output", 11, 0))
     fg = M.resize_mask(source_mask, 16, 16)[0] > 0.5
     m_t = M.resize_mask(target_mask, 16, 16)[0][:, None]
     out_fg = M.sdpa_attention(q[1:], k[:1, fg], v[:1, fg], attn.heads)
