@@ -13,14 +13,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# One implementation of the discovery order, shared with the runner (which cannot import tests/).
-_spec = importlib.util.spec_from_file_location("consistent_synthesis_host_discovery", REPO / "runner" / "host.py")
-_discovery = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_discovery)
-find_host = _discovery.find_host
-activate = _discovery.activate
-
-
 PACKAGE = "consistent_synthesis"
 
 
@@ -37,6 +29,11 @@ def load_pack():
         sys.modules[PACKAGE] = module
         spec.loader.exec_module(module)
     return sys.modules[PACKAGE]
+
+
+load_pack()
+# One implementation of the discovery order, the runner's (which cannot import tests/).
+from consistent_synthesis.runner.host import activate, find_host  # noqa: E402
 
 
 def prepare(use_gpu: bool = False) -> Path:
