@@ -16,14 +16,18 @@ its own prompt, shapes the queries. Variants:
   target foreground attends only to source-foreground keys, the background only to
   source-background keys, and the two results are blended by M_t:
   ``out = M_t * Attention(Q_t, K_s[M_s], V_s[M_s]) + (1 - M_t) * Attention(Q_t, K_s[~M_s], V_s[~M_s])``.
-  The official code adds -inf to the excluded logits, which equals attending over the key
-  subset; attending over the subset avoids building the N x N logit matrix.
+  The official code adds the dtype's minimum to the excluded logits; here the same bias is
+  a per-key vector handed to the attention function, so no N x N logit matrix is built and
+  no key count is read on the host.
 
 Tensors are laid out as ComfyUI hands them to an attn1 patch: ``(batch, tokens, heads * dim_head)``
 with the batch split into ``chunks`` equal chunks (one per ``cond_or_uncond`` entry), each
 chunk holding the whole latent batch in order, the source at ``source_index`` of every chunk.
-The attention itself is done by ``attention(q, k, v, heads)`` (ComfyUI's optimized attention
-in the node; ``sdpa_attention`` here), which never materializes the attention matrix.
+The attention itself is done by ``attention(q, k, v, heads, mask=None)`` (ComfyUI's optimized
+attention in the node; ``sdpa_attention`` here), which never materializes the attention matrix.
+
+Nothing here reads a device value on the host: rows are chosen by views and slices (the batch
+is regular), masks enter as additive key biases, so a patched layer costs the GPU no stall.
 """
 
 from __future__ import annotations
@@ -33,17 +37,24 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, heads, mask=None) -> out
 
 MODES = ("mutual", "union")
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head softmax attention on ``(b, n, heads * d)`` tensors with PyTorch SDPA."""
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head softmax attention on ``(b, n, heads * d)`` tensors with PyTorch SDPA.
+
+    ``mask`` is an additive bias broadcast to ``(b, n, m)``, e.g. ``(1, m)`` for a key bias.
+    """
     b, _, inner = q.shape
     d = inner // heads
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
+    if mask is not None:
+        mask = mask.to(q.dtype)
+        mask = mask.reshape((1,) * (3 - mask.ndim) + tuple(mask.shape))[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(b, -1, inner)
 
 
@@ -64,8 +75,8 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     return out.transpose(1, 2).reshape(b, n, inner)
 
 
-def sampling_step(sample_sigmas: torch.Tensor, sigma: float) -> int:
-    """The step of a run that a model call at ``sigma`` belongs to.
+def sampling_step(sample_sigmas: torch.Tensor, sigma) -> int:
+    """The step of a run that a model call at ``sigma`` belongs to (reads the device: tests and fallbacks).
 
     Step ``i`` covers the noise levels in ``(sample_sigmas[i + 1], sample_sigmas[i]]``, so the
     extra evaluations of heun-like samplers and the truncated schedules of ``denoise < 1``
@@ -75,8 +86,8 @@ def sampling_step(sample_sigmas: torch.Tensor, sigma: float) -> int:
     return int((inner >= float(sigma) * (1 - 1e-5)).sum())
 
 
-def split_rows(batch: int, chunks: int, source_index: int) -> tuple[list[int], list[int]]:
-    """Row indices of the sources (one per chunk) and of the targets (chunk-major order)."""
+def check_rows(batch: int, chunks: int, source_index: int) -> int:
+    """Latents per cond/uncond chunk of a MasaCtrl batch; ValueError when it has no target."""
     if chunks < 1 or batch % chunks:
         raise ValueError(f"batch of {batch} cannot be split into {chunks} cond/uncond chunks")
     per_chunk = batch // chunks
@@ -84,6 +95,12 @@ def split_rows(batch: int, chunks: int, source_index: int) -> tuple[list[int], l
         raise ValueError(f"source_index {source_index} is outside a latent batch of {per_chunk}")
     if per_chunk < 2:
         raise ValueError("the latent batch holds only the source: MasaCtrl needs at least one target")
+    return per_chunk
+
+
+def split_rows(batch: int, chunks: int, source_index: int) -> tuple[list[int], list[int]]:
+    """Row indices of the sources (one per chunk) and of the targets (chunk-major order)."""
+    per_chunk = check_rows(batch, chunks, source_index)
     sources = [c * per_chunk + source_index for c in range(chunks)]
     targets = [c * per_chunk + i for c in range(chunks) for i in range(per_chunk) if i != source_index]
     return sources, targets
@@ -93,6 +110,30 @@ def resize_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``(m, H, W)`` masks to ``(m, height * width)`` token weights, nearest neighbour as in the official code."""
     resized = F.interpolate(mask[:, None].float(), size=(height, width), mode="nearest")
     return resized.flatten(1)
+
+
+def region_biases(source_mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive key biases ``(1, tokens)`` for the source foreground (mask > 0.5) and background.
+
+    Excluded keys get the dtype's minimum, as the official code adds. A region with no key at
+    all (an all-ones or all-zeros source mask) keeps every key, decided on the device.
+    """
+    fg = source_mask.reshape(1, -1) > 0.5
+    bg = ~fg
+    keep_fg = fg | ~fg.any()
+    keep_bg = bg | ~bg.any()
+    zero = torch.zeros((), dtype=dtype, device=source_mask.device)
+    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=source_mask.device)
+    return torch.where(keep_fg, zero, low), torch.where(keep_bg, zero, low)
+
+
+def _without_row(x: torch.Tensor, index: int) -> torch.Tensor:
+    """``x`` (chunks, per_chunk, ...) without row ``index`` of dim 1: a view when it is the first or last."""
+    if index == 0:
+        return x[:, 1:]
+    if index == x.shape[1] - 1:
+        return x[:, :-1]
+    return torch.cat([x[:, :index], x[:, index + 1:]], dim=1)
 
 
 def mutual_self_attention(
@@ -107,11 +148,13 @@ def mutual_self_attention(
     attention: AttentionFn = sdpa_attention,
     source_mask: torch.Tensor | None = None,
     target_mask: torch.Tensor | None = None,
+    biases: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """MasaCtrl self-attention for one layer.
 
     ``source_mask`` is ``(tokens,)`` and ``target_mask`` ``(1 or targets per chunk, tokens)``,
     already at this layer's resolution (see ``resize_mask``); both or neither are given.
+    ``biases`` are ``region_biases(source_mask, q.dtype)`` when the caller has them already.
     A mask region with no key at all (an all-ones or all-zeros source mask) attends to every
     source key, so all-ones masks reduce exactly to plain mutual attention.
     """
@@ -121,47 +164,42 @@ def mutual_self_attention(
         raise ValueError("mask-guided MasaCtrl needs both a source mask and a target mask")
     if source_mask is not None and mode != "mutual":
         raise ValueError("mask-guided MasaCtrl is defined for mode 'mutual' (paper Sec. 4.2)")
-    sources, targets = split_rows(q.shape[0], chunks, source_index)
-    per_chunk_targets = len(targets) // chunks
-    tokens, inner = q.shape[1], q.shape[2]
+    batch, tokens, inner = q.shape
+    per_chunk = check_rows(batch, chunks, source_index)
+    n_targets = per_chunk - 1
+    q4, k4, v4 = (t.reshape(chunks, per_chunk, tokens, inner) for t in (q, k, v))
+    k_src, v_src = k4[:, source_index], v4[:, source_index]  # (chunks, tokens, inner), views
 
-    out = torch.empty_like(q)
     # 1. The source keeps plain self-attention.
-    out[sources] = attention(q[sources], k[sources], v[sources], heads)
-
-    k_src, v_src = k[sources], v[sources]  # (chunks, tokens, inner)
+    out_src = attention(q4[:, source_index], k_src, v_src, heads)
     # Targets of one chunk are laid end to end as a single query sequence, so each chunk is
     # one attention call over its source's K/V and no K/V is copied per target.
-    q_tgt = q[targets].reshape(chunks, per_chunk_targets * tokens, inner)
-
-    def over_source(keep: torch.Tensor | None = None) -> torch.Tensor:
-        k_, v_ = k_src, v_src
-        if keep is not None and bool(keep.any()) and not bool(keep.all()):
-            k_, v_ = k_src[:, keep], v_src[:, keep]
-        return attention(q_tgt, k_, v_, heads).reshape(len(targets), tokens, inner)
+    q_tgt = _without_row(q4, source_index).reshape(chunks, n_targets * tokens, inner)
 
     if mode == "union":
         # 2. Union variant: [K_s; K_t] and [V_s; V_t] along the sequence, per target.
-        k_s = k_src.repeat_interleave(per_chunk_targets, dim=0)
-        v_s = v_src.repeat_interleave(per_chunk_targets, dim=0)
-        out[targets] = attention(q[targets], torch.cat([k_s, k[targets]], dim=1),
-                                 torch.cat([v_s, v[targets]], dim=1), heads)
-        return out
-    if source_mask is None:
+        k_t, v_t = _without_row(k4, source_index), _without_row(v4, source_index)
+        k_u = torch.cat([k_src[:, None].expand_as(k_t), k_t], dim=2).flatten(0, 1)
+        v_u = torch.cat([v_src[:, None].expand_as(v_t), v_t], dim=2).flatten(0, 1)
+        out_tgt = attention(q_tgt.reshape(chunks * n_targets, tokens, inner), k_u, v_u, heads)
+    elif source_mask is None:
         # 2. Eq. 4: targets query the source's keys and values.
-        out[targets] = over_source()
-        return out
+        out_tgt = attention(q_tgt, k_src, v_src, heads)
+    else:
+        # 3. Eq. 6-7: foreground from source foreground, background from source background.
+        m_t = target_mask.to(q.dtype)
+        if m_t.shape[0] == 1:
+            m_t = m_t.expand(n_targets, -1)
+        if m_t.shape != (n_targets, tokens):
+            raise ValueError(f"target mask has {m_t.shape[0]} masks of {m_t.shape[1]} tokens; expected 1 "
+                             f"or {n_targets} masks of {tokens} tokens")
+        bias_fg, bias_bg = biases if biases is not None else region_biases(source_mask, q.dtype)
+        out_fg = attention(q_tgt, k_src, v_src, heads, mask=bias_fg)
+        out_bg = attention(q_tgt, k_src, v_src, heads, mask=bias_bg)
+        blend = m_t.reshape(1, n_targets * tokens, 1)
+        out_tgt = out_fg * blend + out_bg * (1 - blend)
 
-    # 3. Eq. 6-7: foreground from source foreground, background from source background.
-    fg = source_mask > 0.5
-    m_t = target_mask.to(q.dtype)
-    if m_t.shape[0] == 1:
-        m_t = m_t.expand(per_chunk_targets, -1)
-    if m_t.shape != (per_chunk_targets, tokens):
-        raise ValueError(f"target mask has {m_t.shape[0]} masks of {m_t.shape[1]} tokens; expected 1 "
-                         f"or {per_chunk_targets} masks of {tokens} tokens")
-    blend = m_t.repeat(chunks, 1)[..., None]  # (targets, tokens, 1)
-    out_fg = over_source(fg)
-    out_bg = over_source(~fg)
-    out[targets] = out_fg * blend + out_bg * (1 - blend)
-    return out
+    out_tgt = out_tgt.reshape(chunks, n_targets, tokens, inner)
+    out = torch.cat([out_tgt[:, :source_index], out_src[:, None].to(out_tgt.dtype), out_tgt[:, source_index:]],
+                    dim=1)
+    return out.reshape(batch, tokens, inner)

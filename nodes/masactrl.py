@@ -11,22 +11,34 @@ import comfy.patcher_extension
 from comfy_api.latest import io
 
 from ..attention import masactrl
-from .unet_layers import LayerKey, self_attention_layers
+from ..samplers import step_clock
+from . import step_clock as clock_nodes
+from .unet_layers import LayerKey, attn1_module, self_attention_layers
 
 NODE = "MasaCtrlAttentionPatch"
 WRAPPER_KEY = "consistent_synthesis.masactrl"
+RUN_KEY = "consistent_synthesis.masactrl_run"
 
 
 def _error(input_name: str, message: str) -> ValueError:
     return ValueError(f"{NODE}: input '{input_name}': {message}")
 
 
-def _host_attention(extra_options: dict):
-    """ComfyUI's optimized attention (SDPA, xformers, ...) with this layer's settings."""
-    def attention(q, k, v, heads):
-        return host_attention.optimized_attention(
-            q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
-            transformer_options=extra_options)
+def _host_attention(extra_options: dict, preferred=None):
+    """ComfyUI's optimized attention (SDPA, xformers, ...) with this layer's settings.
+
+    Newer hosts give each attention module a per-layer backend choice (``comfy_attention``,
+    passed as ``preferred_attention``); it is forwarded so the user's choice holds in patched
+    layers too. The masked variant is the host's own choice for backends without bias support.
+    """
+    kwargs = dict(attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
+    if preferred is not None:
+        kwargs["preferred_attention"] = preferred
+
+    def attention(q, k, v, heads, mask=None):
+        if mask is None:
+            return host_attention.optimized_attention(q, k, v, heads, **kwargs)
+        return host_attention.optimized_attention_masked(q, k, v, heads, mask, **kwargs)
     return attention
 
 
@@ -40,53 +52,74 @@ def _as_masks(mask: torch.Tensor | None, input_name: str) -> torch.Tensor | None
     return mask.float()
 
 
+class _RunState:
+    """What one sampling run of one patch computes once and reuses in every layer: the given
+    masks as key biases per layer resolution, and the automatic masks' cross-attention maps."""
+
+    def __init__(self):
+        self.masks: dict = {}
+
+
+def _run_state(extra_options: dict, settings: dict) -> _RunState:
+    states = extra_options.get(RUN_KEY)
+    if states is None:  # called outside a sampling run of the patched model: nothing to reuse
+        return _RunState()
+    state = states.get(id(settings))
+    if state is None:
+        state = states[id(settings)] = _RunState()
+    return state
+
+
 class _LayerPatch:
     """The attn1 replacement for one layer: MasaCtrl inside the step window, else the previous attention."""
 
-    def __init__(self, settings: dict, previous=None, attention=None):
+    def __init__(self, settings: dict, previous=None, attention=None, preferred=None):
         self.settings = settings
         self.previous = previous
         self.attention = attention
-        self._masks: dict = {}
+        self.preferred = preferred
 
     def __deepcopy__(self, memo):
-        # ModelPatcher.clone deep-copies model_options; the patch is immutable apart from its
-        # cache of resized masks, so clones share it.
+        # ModelPatcher.clone deep-copies model_options; the patch is immutable, so clones share it.
         return self
 
-    def _layer_masks(self, h: int, w: int, device, dtype):
+    def _given_masks(self, state: _RunState, h: int, w: int, device, dtype):
         key = (h, w, device, dtype)
-        if key not in self._masks:
-            source = masactrl.resize_mask(self.settings["source_mask"], h, w)[0]
-            target = masactrl.resize_mask(self.settings["target_mask"], h, w)
-            self._masks[key] = (source.to(device, dtype), target.to(device, dtype))
-        return self._masks[key]
+        if key not in state.masks:
+            s = self.settings
+            source = masactrl.resize_mask(s["source_mask"], h, w)[0].to(device, dtype)
+            target = masactrl.resize_mask(s["target_mask"], h, w).to(device, dtype)
+            state.masks[key] = (source, target, masactrl.region_biases(source, dtype))
+        return state.masks[key]
 
     def __call__(self, q, k, v, extra_options):
         s = self.settings
-        sample_sigmas = extra_options.get("sample_sigmas")
-        sigmas = extra_options.get("sigmas")
-        active = sample_sigmas is not None and sigmas is not None
-        if active:
-            step = masactrl.sampling_step(sample_sigmas, sigmas.max())
-            active = s["start_step"] <= step and (s["end_step"] < 0 or step < s["end_step"])
+        step = step_clock.current_step(extra_options)
+        active = step is not None and s["start_step"] <= step and (s["end_step"] < 0 or step < s["end_step"])
         if not active:
             if self.previous is not None:
                 return self.previous(q, k, v, extra_options)
-            return _host_attention(extra_options)(q, k, v, extra_options["n_heads"])
+            return _host_attention(extra_options, self.preferred)(q, k, v, extra_options["n_heads"])
 
-        source_mask = target_mask = None
+        source_mask = target_mask = biases = None
         if s["source_mask"] is not None:
             h, w = extra_options["activations_shape"][-2:]
-            source_mask, target_mask = self._layer_masks(h, w, q.device, q.dtype)
+            source_mask, target_mask, biases = self._given_masks(_run_state(extra_options, s), h, w, q.device,
+                                                                 q.dtype)
         try:
             return masactrl.mutual_self_attention(
                 q, k, v, extra_options["n_heads"], chunks=len(extra_options["cond_or_uncond"]),
                 source_index=s["source_index"], mode=s["mode"],
-                attention=self.attention or _host_attention(extra_options),
-                source_mask=source_mask, target_mask=target_mask)
+                attention=self.attention or _host_attention(extra_options, self.preferred),
+                source_mask=source_mask, target_mask=target_mask, biases=biases)
         except ValueError as e:
             raise ValueError(f"{NODE}: {e}") from e
+
+
+def _sampler_sample_wrapper(executor, *args, **kwargs):
+    """A fresh per-run state holder in the run's own copy of the transformer options."""
+    args[2]["model_options"].setdefault("transformer_options", {}).setdefault(RUN_KEY, {})
+    return executor(*args, **kwargs)
 
 
 def _check_latent(settings: dict, latent: torch.Tensor) -> None:
@@ -172,12 +205,17 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = 10, end_step: 
     settings = dict(start_step=start_step, end_step=end_step, start_layer=start_layer, end_layer=end_layer,
                     mode=mode, source_index=source_index, source_mask=source_mask, target_mask=target_mask)
     patched = model.clone()
+    diffusion_model = patched.get_model_object("diffusion_model")
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     for key in layers[start_layer:end_layer]:
         previous = existing.get(key, existing.get(key[:2]))
-        patched.set_model_attn1_replace(_LayerPatch(settings, previous, attention), *key)
+        preferred = getattr(attn1_module(diffusion_model, key), "comfy_attention", None)
+        patched.set_model_attn1_replace(_LayerPatch(settings, previous, attention, preferred), *key)
+    clock_nodes.attach(patched)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                                  _outer_sample_wrapper(settings, count))
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY,
+                                 _sampler_sample_wrapper)
     return patched
 
 

@@ -5,6 +5,25 @@ from __future__ import annotations
 LayerKey = tuple[str, int, int]
 
 
+def _groups(diffusion_model):
+    return (
+        ("input", getattr(diffusion_model, "input_blocks", None)),
+        ("middle", [diffusion_model.middle_block] if getattr(diffusion_model, "middle_block", None) is not None else []),
+        ("output", getattr(diffusion_model, "output_blocks", None)),
+    )
+
+
+def attn1_module(diffusion_model, key: LayerKey):
+    """The self-attention module of layer ``key`` (from ``self_attention_layers``)."""
+    name, block_id, index = key
+    blocks = dict(_groups(diffusion_model))[name]
+    for module in blocks[block_id]:
+        transformer_blocks = getattr(module, "transformer_blocks", None)
+        if transformer_blocks is not None:
+            return transformer_blocks[index].attn1
+    raise KeyError(key)
+
+
 def self_attention_layers(diffusion_model) -> list[LayerKey]:
     """Every transformer block of the UNet as ``(block_name, block_id, transformer_index)``.
 
@@ -12,11 +31,7 @@ def self_attention_layers(diffusion_model) -> list[LayerKey]:
     layer numbering of the official MasaCtrl code: 16 layers for SD1.x/2.x, 70 for SDXL. The
     keys are those of ``ModelPatcher.set_model_attn1_replace``.
     """
-    groups = (
-        ("input", getattr(diffusion_model, "input_blocks", None)),
-        ("middle", [diffusion_model.middle_block] if getattr(diffusion_model, "middle_block", None) is not None else []),
-        ("output", getattr(diffusion_model, "output_blocks", None)),
-    )
+    groups = _groups(diffusion_model)
     if groups[0][1] is None or groups[2][1] is None:
         return []
     layers = []

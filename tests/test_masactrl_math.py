@@ -82,22 +82,47 @@ def test_all_ones_masks_equal_plain_mutual_exactly():
     assert torch.equal(plain, masked)
 
 
-def test_attention_function_is_called_with_subsets_not_a_full_matrix():
+def test_mask_guided_calls_attention_with_key_biases_not_key_subsets():
     calls = []
 
-    def spy(q, k, v, heads):
-        calls.append((q.shape, k.shape))
-        return M.sdpa_attention(q, k, v, heads)
+    def spy(q, k, v, heads, mask=None):
+        calls.append((q.shape, k.shape, None if mask is None else mask.shape))
+        return M.sdpa_attention(q, k, v, heads, mask=mask)
 
     q, k, v = qkv(3, seed=5)
     source_mask = torch.zeros(TOKENS)
     source_mask[:16] = 1
     M.mutual_self_attention(q, k, v, HEADS, chunks=1, attention=spy,
                             source_mask=source_mask, target_mask=torch.ones(1, TOKENS))
-    # source alone, then both targets as one query sequence over 16 fg keys and 48 bg keys
-    assert calls == [(torch.Size([1, TOKENS, 32]), torch.Size([1, TOKENS, 32])),
-                     (torch.Size([1, 2 * TOKENS, 32]), torch.Size([1, 16, 32])),
-                     (torch.Size([1, 2 * TOKENS, 32]), torch.Size([1, 48, 32]))]
+    # source alone, then both targets as one query sequence over all source keys, twice: the key
+    # count of each region is never read on the host, the regions enter as (1, keys) biases
+    assert calls == [(torch.Size([1, TOKENS, 32]), torch.Size([1, TOKENS, 32]), None),
+                     (torch.Size([1, 2 * TOKENS, 32]), torch.Size([1, TOKENS, 32]), torch.Size([1, TOKENS])),
+                     (torch.Size([1, 2 * TOKENS, 32]), torch.Size([1, TOKENS, 32]), torch.Size([1, TOKENS]))]
+
+
+def test_empty_mask_region_attends_to_every_source_key():
+    q, k, v = qkv(2, seed=6)
+    plain = M.mutual_self_attention(q, k, v, HEADS, chunks=1)
+    zeros = torch.zeros(TOKENS)
+    # no source foreground: the target foreground attends to all source keys, as does its background
+    masked = M.mutual_self_attention(q, k, v, HEADS, chunks=1, source_mask=zeros, target_mask=torch.ones(1, TOKENS))
+    torch.testing.assert_close(masked, plain)
+
+
+@pytest.mark.parametrize("source_index", [0, 1, 2])
+@pytest.mark.parametrize("mode", ["mutual", "union"])
+def test_rows_selected_by_views_agree_with_index_lists(source_index, mode):
+    q, k, v = qkv(6, seed=7)  # 2 chunks of 3
+    out = M.mutual_self_attention(q, k, v, HEADS, chunks=2, source_index=source_index, mode=mode)
+    sources, targets = M.split_rows(6, 2, source_index)
+    for s in sources:
+        torch.testing.assert_close(out[s], M.sdpa_attention(q[s:s + 1], k[s:s + 1], v[s:s + 1], HEADS)[0])
+    for t in targets:
+        s = sources[t // 3]
+        k_t = k[s:s + 1] if mode == "mutual" else torch.cat([k[s:s + 1], k[t:t + 1]], dim=1)
+        v_t = v[s:s + 1] if mode == "mutual" else torch.cat([v[s:s + 1], v[t:t + 1]], dim=1)
+        torch.testing.assert_close(out[t], M.naive_attention(q[t:t + 1], k_t, v_t, HEADS)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_sampling_step_maps_sigmas_to_the_run_steps():

@@ -1,0 +1,97 @@
+"""MasaCtrl adds no host synchronisation to sampling (the GPU hot-path rule), counted on the CPU.
+
+Each count is the patched run's minus the unpatched run's at the same settings: the host's own
+scheduler and sampler code reads a few device values per run; a patch that read one per layer
+would add tens per step (16 patched layers x steps here).
+"""
+
+import pytest
+import torch
+
+from conftest import require_host
+
+require_host()
+
+import comfy.sample  # noqa: E402
+
+import tiny_models as tm  # noqa: E402
+from consistent_synthesis.nodes.masactrl import patch_model  # noqa: E402
+from sync_counter import HostSyncCounter  # noqa: E402
+
+LATENT = (3, 4, 8, 8)
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return tm.tiny_model("sd15")
+
+
+def _sample(model, sampler):
+    latent = torch.zeros(LATENT)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    return comfy.sample.sample(model, noise, STEPS, 5.0, sampler, "normal", tm.conditioning("sd15"),
+                               tm.conditioning("sd15", seed=1), latent, disable_pbar=True, seed=0)
+
+
+def _syncs(model, sampler) -> HostSyncCounter:
+    with HostSyncCounter() as counter:
+        _sample(model, sampler)
+    return counter
+
+
+def _masks():
+    source = torch.zeros(1, 8, 8)
+    source[:, 2:6, 2:6] = 1
+    target = torch.zeros(2, 8, 8)
+    target[0, 1:5, 1:5] = 1
+    target[1, 3:8, 0:4] = 1
+    return source, target
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun"])
+@pytest.mark.parametrize("mode", ["mutual", "union", "mask"])
+def test_patched_sampling_adds_no_host_sync(sd15, sampler, mode, measured):
+    kwargs = dict(start_step=0, start_layer=0)
+    if mode == "mask":
+        kwargs["source_mask"], kwargs["target_mask"] = _masks()
+    else:
+        kwargs["mode"] = mode
+    baseline = _syncs(sd15, sampler)
+    patched = _syncs(patch_model(sd15, **kwargs), sampler)
+    added = patched.total - baseline.total
+    measured(f"{mode}/{sampler}: {baseline.total} host syncs unpatched, {patched.total} patched")
+    assert added <= 0, f"MasaCtrl added {added} host syncs: {patched.report()}"
+
+
+def test_fallback_for_unaligned_samplers_reads_the_sigma_once_per_evaluation(sd15, measured):
+    # UniPC evaluates at the end of its step, so the clock reads the step from the sigma: one read
+    # per model evaluation, never one per layer.
+    baseline = _syncs(sd15, "uni_pc")
+    patched = _syncs(patch_model(sd15, start_step=0, start_layer=0), "uni_pc")
+    evaluations = STEPS  # one cond+uncond call per step
+    measured(f"uni_pc: {baseline.total} unpatched, {patched.total} patched")
+    assert patched.total - baseline.total <= 2 * evaluations, patched.report()
+
+
+def test_counter_sees_the_per_layer_syncs_of_a_step_read_from_the_sigma(sd15):
+    # The counter is not blind: the pre-clock way (the step read from the sigma in every layer)
+    # shows up as one or more syncs per patched layer call.
+    from consistent_synthesis.samplers import step_clock
+
+    patched = patch_model(sd15, start_step=0, start_layer=0)
+    patched.model_options["transformer_options"][step_clock.KEY] = None  # no clock: read per layer
+    original = step_clock.current_step
+
+    def per_layer(options):
+        options = dict(options)
+        options.pop(step_clock.KEY, None)
+        return original(options)
+
+    step_clock.current_step = per_layer
+    try:
+        counter = _syncs(patched, "euler")
+    finally:
+        step_clock.current_step = original
+    baseline = _syncs(sd15, "euler")
+    assert counter.total - baseline.total >= 16 * STEPS
