@@ -6,8 +6,16 @@ A JSON list of operations applied in order; coordinates are pixels of the padded
   moves a point, or adds it when missing (its confidence becomes 1);
 - ``{"op": "remove", "person": P, "part": ..., "index": I}`` makes the point missing (0, 0, 0);
 - ``{"op": "translate", "person": P, "dx": DX, "dy": DY}`` moves every present point of a person;
+  with ``"part"`` it moves that part only (a hand, the face);
 - ``{"op": "mirror", "person": P}`` swaps the person's left and right points (body, hands): labels
-  swap, positions stay.
+  swap, positions stay;
+- ``{"op": "set_part", "person": P, "part": ..., "points": [[X, Y] or null, ...]}`` gives a part all its
+  points at once (null = missing): how the editor adds a hand at a wrist. A body has 18 points, a
+  hand 21, a face 70 or 68;
+- ``{"op": "remove_part", "person": P, "part": ...}`` deletes a hand or the face (the part becomes
+  null); on the body it makes every body point missing.
+
+Indices count from 0 in the part as the pose has it: a DWPose face has points 0 to 67.
 
 An empty text means no edits. Unknown operations or fields, bad indices, non-finite numbers, more
 than 10,000 operations or more than 1 MB of text are refused with a ``PoseError`` (a ValueError).
@@ -17,13 +25,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .openpose import MAX_COORDINATE, MAX_PEOPLE, MAX_TEXT, PARTS, Frame, PoseError, finite, parse_text
+from .openpose import (COUNTS, MAX_COORDINATE, MAX_PEOPLE, MAX_TEXT, PARTS, Frame, PoseError, finite, parse_text,
+                       present)
 
 MAX_OPERATIONS = 10_000
 # OpenPose 18 left/right pairs: shoulders, elbows, wrists, hips, knees, ankles, eyes, ears.
 BODY_MIRROR = [(2, 5), (3, 6), (4, 7), (8, 11), (9, 12), (10, 13), (14, 15), (16, 17)]
 FIELDS = {"set": {"op", "person", "part", "index", "x", "y"}, "remove": {"op", "person", "part", "index"},
-          "translate": {"op", "person", "dx", "dy"}, "mirror": {"op", "person"}}
+          "translate": {"op", "person", "dx", "dy"}, "mirror": {"op", "person"},
+          "set_part": {"op", "person", "part", "points"}, "remove_part": {"op", "person", "part"}}
+OPTIONAL = {"translate": {"part"}}
 
 
 def _shown(value) -> str:
@@ -51,7 +62,7 @@ def parse(text: str) -> list[dict]:
         if not isinstance(op, dict) or not isinstance(op.get("op"), str) or op["op"] not in FIELDS:
             raise PoseError(f"{where} must be an object with \"op\" one of {sorted(FIELDS)}")
         missing = FIELDS[op["op"]] - set(op)
-        extra = set(op) - FIELDS[op["op"]]
+        extra = set(op) - FIELDS[op["op"]] - OPTIONAL.get(op["op"], set())
         if missing or extra:
             raise PoseError(f"{where} ({op['op']}): missing {sorted(missing)}, unknown {sorted(extra)}")
         for key, top in (("person", MAX_PEOPLE - 1), ("index", max(count for _, count in PARTS.values()) - 1)):
@@ -64,7 +75,22 @@ def parse(text: str) -> list[dict]:
                                 f"got {_shown(op[key])}")
         if "part" in op and not (isinstance(op["part"], str) and op["part"] in PARTS):
             raise PoseError(f"{where}: part must be one of {sorted(PARTS)}, got {_shown(op['part'])}")
+        if "points" in op:
+            _check_points(op["points"], COUNTS[op["part"]], where)
     return ops
+
+
+def _check_points(points, counts: tuple[int, ...], where: str) -> None:
+    if not isinstance(points, list) or len(points) not in counts:
+        got = f"{len(points)} entries" if isinstance(points, list) else _shown(points)
+        raise PoseError(f"{where}: points must be a list of {' or '.join(map(str, counts))} entries "
+                        f"([x, y] or null), got {got}")
+    for i, point in enumerate(points):
+        if point is None:
+            continue
+        if not (isinstance(point, list) and len(point) == 2 and all(finite(v) for v in point)):
+            raise PoseError(f"{where}: point {i} must be [x, y] in pixels within +-{MAX_COORDINATE:g} or null, "
+                            f"got {_shown(point)}")
 
 
 def apply(frame: Frame, ops: list[dict]) -> Frame:
@@ -78,7 +104,8 @@ def apply(frame: Frame, ops: list[dict]) -> Frame:
         person = out.people[op["person"]]
         kind = op["op"]
         if kind in ("set", "remove"):
-            count = PARTS[op["part"]][1]
+            current = person.part(op["part"])
+            count = PARTS[op["part"]][1] if current is None else len(current)
             if op["index"] >= count:
                 raise PoseError(f"operation {n}: {op['part']} has points 0 to {count - 1}, not {op['index']}")
             points = person.part(op["part"])
@@ -89,7 +116,21 @@ def apply(frame: Frame, ops: list[dict]) -> Frame:
                 setattr(person, op["part"], points)
             points[op["index"]] = (op["x"], op["y"], 1.0) if kind == "set" else (0.0, 0.0, 0.0)
         elif kind == "translate":
-            person.move(1.0, 1.0, op["dx"], op["dy"])
+            if "part" not in op:
+                person.move(1.0, 1.0, op["dx"], op["dy"])
+            elif person.part(op["part"]) is not None:
+                points = person.part(op["part"])
+                keep = present(points)
+                points[keep, 0] += op["dx"]
+                points[keep, 1] += op["dy"]
+        elif kind == "set_part":
+            points = np.zeros((len(op["points"]), 3))
+            for i, point in enumerate(op["points"]):
+                if point is not None:
+                    points[i] = (point[0], point[1], 1.0)
+            setattr(person, op["part"], points)
+        elif kind == "remove_part":
+            setattr(person, op["part"], np.zeros((18, 3)) if op["part"] == "body" else None)
         else:
             for a, b in BODY_MIRROR:
                 person.body[[a, b]] = person.body[[b, a]]

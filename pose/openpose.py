@@ -2,8 +2,9 @@
 
 A POSE_KEYPOINT is a list of frames ``{"people": [...], "canvas_width": W, "canvas_height": H}``;
 each person has flat ``[x, y, confidence, ...]`` arrays ``pose_keypoints_2d`` (18 points),
-``face_keypoints_2d`` (70), ``hand_left_keypoints_2d`` and ``hand_right_keypoints_2d`` (21 each).
-A missing point is ``0, 0, 0``; a missing part is ``null``.
+``face_keypoints_2d`` (70 from OpenPose: 68 landmarks and the two pupils; 68 from DWPose),
+``hand_left_keypoints_2d`` and ``hand_right_keypoints_2d`` (21 each). A missing point is ``0, 0, 0``;
+a missing part is ``null``. A face is read, edited and written with the number of points it came with.
 
 Units differ by producer: its OpenPose detector writes coordinates normalised to 0-1, DWPose
 writes pixels. We read both (a frame whose present coordinates all lie in [0, 1] is normalised)
@@ -25,6 +26,8 @@ import numpy as np
 
 PARTS = {"body": ("pose_keypoints_2d", 18), "face": ("face_keypoints_2d", 70),
          "hand_left": ("hand_left_keypoints_2d", 21), "hand_right": ("hand_right_keypoints_2d", 21)}
+# Point counts a part may have: the first is the part's own (OpenPose's), used for a part created by an edit.
+COUNTS = {"body": (18,), "face": (70, 68), "hand_left": (21,), "hand_right": (21,)}
 MAX_TEXT = 1_000_000  # characters of JSON text
 MAX_FRAMES = 256
 MAX_PEOPLE = 64
@@ -128,13 +131,16 @@ def _no_constant(name: str):
     raise PoseError(f"{name} is not a coordinate")
 
 
-def _points(value, count: int, where: str) -> np.ndarray | None:
+def _points(value, counts: int | tuple[int, ...], where: str) -> np.ndarray | None:
     if value is None:
         return None
-    if not isinstance(value, (list, tuple)) or len(value) != 3 * count:
+    counts = (counts,) if isinstance(counts, int) else counts
+    if not isinstance(value, (list, tuple)) or len(value) not in [3 * n for n in counts]:
         got = f"{len(value)} numbers" if isinstance(value, (list, tuple)) else type(value).__name__
-        raise PoseError(f"{where} must be a list of {3 * count} numbers ({count} points of x, y, confidence) "
-                        f"or null, got {got}")
+        wanted = f"{3 * counts[0]} numbers ({counts[0]} points of x, y, confidence)" + "".join(
+            f" or {3 * n} numbers ({n} points)" for n in counts[1:])
+        raise PoseError(f"{where} must be a list of {wanted}, or null, got {got}")
+    count = len(value) // 3
     if not all(is_number(v) for v in value):
         raise PoseError(f"{where} holds something that is not a number")
     if not all(finite(v) for v in value):
@@ -178,8 +184,8 @@ def from_pose_keypoint(data) -> list[Frame]:
         for p, person in enumerate(people):
             if not isinstance(person, dict):
                 raise PoseError(f"{where}.people[{p}] is not an object")
-            parts = {name: _points(person.get(key), n, f"{where}.people[{p}].{key}")
-                     for name, (key, n) in PARTS.items()}
+            parts = {name: _points(person.get(key), COUNTS[name], f"{where}.people[{p}].{key}")
+                     for name, (key, _) in PARTS.items()}
             if parts["body"] is None:
                 parts["body"] = np.zeros((18, 3))
             out.people.append(Person(**parts))

@@ -84,8 +84,8 @@ def test_missing_points_and_parts_keep_their_encoding():
     ("[{\"people\": [], \"canvas_width\": 1" + "0" * 19 + ", \"canvas_height\": 8}]", "canvas_width"),
     ("[{\"people\": [], \"canvas_width\": 1e999, \"canvas_height\": 8}]", "canvas_width"),
     ("\"" + "\u00e9" * 600_000 + "\"", "bytes"),  # 600,000 characters, 1.2 MB of UTF-8
-    ("[{\"people\": [{\"face_keypoints_2d\": [1" + ", 1" * 203 + "]}], \"canvas_width\": 8, \"canvas_height\": 8}]",
-     "210 numbers"),
+    ("[{\"people\": [{\"face_keypoints_2d\": [1" + ", 1" * 206 + "]}], \"canvas_width\": 8, \"canvas_height\": 8}]",
+     r"210 numbers \(70 points of x, y, confidence\) or 204 numbers \(68 points\), or null, got 207"),
     ("[{\"people\": 7, \"canvas_width\": 8, \"canvas_height\": 8}]", "people"),
 ])
 def test_hostile_pose_json_fails_fast_with_a_clear_message(bad, message):
@@ -235,53 +235,6 @@ def test_controlnet_aux_openpose_markers_for_undetected_hand_points_read_as_miss
     np.testing.assert_allclose(person.hand_left[1, :2], np.array(hand[3:5]) * [256, 384])
     assert openpose.to_pose_keypoint([openpose.from_pose_keypoint([frame])[0]])[0]["people"][0][
         "hand_left_keypoints_2d"][0:3] == [0.0, 0.0, 0.0]
-
-
-def reference_body_drawing(points, width, height):
-    """controlnet_aux's own draw_bodypose (the ControlNet annotator) on a black canvas."""
-    from controlnet_aux.open_pose import util
-    from controlnet_aux.open_pose.body import Keypoint
-
-    keypoints = [Keypoint(x / width, y / height) if i in points else None
-                 for i, (x, y) in ((i, points.get(i, (0, 0))) for i in range(18))]
-    return util.draw_bodypose(np.zeros((height, width, 3), np.uint8), keypoints)
-
-
-def test_body_rendering_matches_controlnet_aux_draw_bodypose_at_limbs_and_joints():
-    points = {i: (2 * x, 2 * y) for i, (x, y) in STANDING.items()}  # 512 x 768: the annotator's own scale
-    ours = render.render(openpose.Frame(512, 768, [openpose.Person(body_array(points))]))
-    theirs = reference_body_drawing(points, 512, 768)
-    for a, b in render.LIMBS:
-        x, y = (np.array(points[a]) + points[b]) // 2
-        assert tuple(ours[y, x]) == tuple(theirs[y, x]), (a, b)
-    for i, (x, y) in points.items():
-        assert tuple(ours[y, x]) == tuple(theirs[y, x]) == render.COLORS[i], i
-    # the same stick width and joint size: the drawn areas agree within 2 % (outlines differ by rasterisation)
-    assert abs(int((ours > 0).any(-1).sum()) - int((theirs > 0).any(-1).sum())) < 0.02 * (theirs > 0).any(-1).sum()
-
-
-def test_face_points_match_controlnet_aux_draw_facepose_and_hand_bones_its_hue_wheel():
-    import colorsys
-
-    import cv2
-    from controlnet_aux.open_pose import util
-    from controlnet_aux.open_pose.body import Keypoint
-
-    face = np.zeros((70, 3))
-    face[:5] = [(100, 100, 1), (140, 100, 1), (120, 130, 1), (105, 150, 1), (135, 150, 1)]
-    ours = render.render(openpose.Frame(512, 512, [openpose.Person(np.zeros((18, 3)), face=face)]))
-    theirs = util.draw_facepose(np.zeros((512, 512, 3), np.uint8),
-                                [Keypoint(x / 512, y / 512) for x, y, _ in face[:5]])
-    for x, y, _ in face[:5].astype(int):
-        assert tuple(ours[y, x]) == tuple(theirs[y, x]) == (255, 255, 255)
-    # radius-3 dots in both; PIL and OpenCV rasterise a small disc differently (37 against 29 pixels)
-    assert 1.0 <= (ours > 0).any(-1).sum() / (theirs > 0).any(-1).sum() < 1.35
-    # draw_handpose passes hsv(i / 20, 1, 1) * 255 as a float colour to cv2.line (matplotlib computes the
-    # same hsv as colorsys); what OpenCV writes from it is the table we draw with
-    for i, colour in enumerate(render.HAND_COLORS):
-        canvas = np.zeros((5, 5, 3), np.uint8)
-        cv2.line(canvas, (0, 2), (4, 2), [c * 255 for c in colorsys.hsv_to_rgb(i / 20, 1.0, 1.0)], thickness=2)
-        assert tuple(canvas[2, 2]) == colour, i
 
 
 def test_auto_completion_builds_torso_and_legs_below_a_bust_with_body_proportions():
