@@ -69,7 +69,8 @@ class PoseEditOutpaint(io.ComfyNode):
             inputs=[
                 io.Image.Input("image", tooltip="The cropped image of the person (one image or a batch)."),
                 PoseKeypoint.Input("pose", optional=True, tooltip=(
-                    "The person's pose (POSE_KEYPOINT from comfyui_controlnet_aux, normalised or pixels). "
+                    "The people's pose (POSE_KEYPOINT from comfyui_controlnet_aux's OpenPose or DWPose, normalised "
+                    "or pixels; every person is completed and editable). "
                     "Empty: detected with controlnet_aux's OpenPose from ComfyUI/models/openpose.")),
                 io.Int.Input("pad_left", tooltip="Pixels added on the left (a multiple of 8).", **pad),
                 io.Int.Input("pad_top", tooltip="Pixels added on top (a multiple of 8).", **pad),
@@ -87,10 +88,13 @@ class PoseEditOutpaint(io.ComfyNode):
                     '{"op": "set", "person": P, "part": "body"|"face"|"hand_left"|"hand_right", "index": I, '
                     '"x": X, "y": Y} moves a point (or adds a missing one); '
                     '{"op": "remove", "person": P, "part": ..., "index": I} makes it missing; '
-                    '{"op": "translate", "person": P, "dx": DX, "dy": DY} moves the whole person; '
-                    '{"op": "mirror", "person": P} swaps left and right labels. '
-                    "Body points are OpenPose's 18 (0 nose, 1 neck, 2-4 right arm, 5-7 left arm, 8-10 right leg, "
-                    "11-13 left leg, 14-17 eyes and ears). Empty: no edits.")),
+                    '{"op": "translate", "person": P, "dx": DX, "dy": DY} moves the whole person (with "part": '
+                    'that part only); {"op": "mirror", "person": P} swaps left and right labels; '
+                    '{"op": "set_part", "person": P, "part": ..., "points": [[X, Y] or null, ...]} gives a part all '
+                    'its points (e.g. a hand at a wrist); {"op": "remove_part", "person": P, "part": ...} deletes a '
+                    "hand or the face. People count from 0 in the pose's order. Body points are OpenPose's 18 "
+                    "(0 nose, 1 neck, 2-4 right arm, 5-7 left arm, 8-10 right leg, 11-13 left leg, 14-17 eyes and "
+                    "ears), hands 21, faces 70 (OpenPose) or 68 (DWPose). Empty: no edits.")),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="The padded image (new area grey), for VAE Encode."),
