@@ -60,13 +60,21 @@ class _RunState:
         self.masks: dict = {}
 
 
+class _RunStates:
+    """The run states of every MasaCtrl patch on the model, by patch. Not a dict: the host copies
+    nested dicts of the transformer options for every model call, objects it passes along."""
+
+    def __init__(self):
+        self.by_patch: dict[int, _RunState] = {}
+
+
 def _run_state(extra_options: dict, settings: dict) -> _RunState:
     states = extra_options.get(RUN_KEY)
     if states is None:  # called outside a sampling run of the patched model: nothing to reuse
         return _RunState()
-    state = states.get(id(settings))
+    state = states.by_patch.get(id(settings))
     if state is None:
-        state = states[id(settings)] = _RunState()
+        state = states.by_patch[id(settings)] = _RunState()
     return state
 
 
@@ -118,7 +126,7 @@ class _LayerPatch:
 
 def _sampler_sample_wrapper(executor, *args, **kwargs):
     """A fresh per-run state holder in the run's own copy of the transformer options."""
-    args[2]["model_options"].setdefault("transformer_options", {}).setdefault(RUN_KEY, {})
+    args[2]["model_options"].setdefault("transformer_options", {}).setdefault(RUN_KEY, _RunStates())
     return executor(*args, **kwargs)
 
 
@@ -261,6 +269,8 @@ class MasaCtrlAttentionPatch(io.ComfyNode):
     @classmethod
     def execute(cls, model, start_step, start_layer, end_step, end_layer, mode, source_index,
                 source_mask=None, target_mask=None) -> io.NodeOutput:
+        from . import checks
+        checks.inputs(cls, locals())
         return io.NodeOutput(patch_model(
             model, start_step=start_step, start_layer=start_layer, end_step=end_step, end_layer=end_layer,
             mode=mode, source_index=source_index, source_mask=source_mask, target_mask=target_mask))

@@ -95,3 +95,25 @@ def test_counter_sees_the_per_layer_syncs_of_a_step_read_from_the_sigma(sd15):
         step_clock.current_step = original
     baseline = _syncs(sd15, "euler")
     assert counter.total - baseline.total >= 16 * STEPS
+
+
+def test_given_masks_are_resized_once_per_resolution_and_run(sd15, monkeypatch):
+    from consistent_synthesis.attention import masactrl as M
+
+    calls = []
+    original = M.resize_mask
+
+    def counting(mask, h, w):
+        calls.append((h, w))
+        return original(mask, h, w)
+
+    monkeypatch.setattr(M, "resize_mask", counting)
+    source, target = _masks()
+    model = patch_model(sd15, start_step=0, start_layer=0, source_mask=source, target_mask=target)
+    _sample(model, "euler")
+    # 8x8 latent: layers at 8x8, 4x4 and 2x2 and the middle block's 1x1
+    assert sorted(set(calls)) == [(1, 1), (2, 2), (4, 4), (8, 8)]
+    assert len(calls) == 2 * 4  # source and target, once per resolution for the whole run
+    calls.clear()
+    _sample(model, "euler")
+    assert len(calls) == 2 * 4  # a new run starts afresh: nothing kept from the last prompt
