@@ -346,3 +346,238 @@ def test_unreadable_edits_are_reported_and_reset_starts_over(run_graph):
     assert alert.is_hidden() and joint(comfy, "body", NECK).is_visible()
     comfy.assert_no_errors()
 
+
+
+# ---- several people, hands and faces ----
+
+IMAGE2 = "cs_pose_editor_two_people.png"
+WIDTH2, HEIGHT2 = 320, 256
+SHIFT = 140  # person 2 stands 140 px right of person 1
+L_WRIST = 7
+
+
+def hand_points(wrist):
+    """21 points of a small hand hanging below ``wrist``: the hand's wrist 3 px under it, five fingers."""
+    wx, wy = wrist
+    points = [(wx, wy + 3)]
+    for finger in range(5):
+        points += [(wx + (finger - 2) * 5, wy + 9 + 5 * joint) for joint in range(4)]
+    return points
+
+
+def face_points(nose, count):
+    """``count`` points on a ring of radius 14 around the nose, as a stand-in for a face's landmarks."""
+    import math
+
+    return [(round(nose[0] + 14 * math.cos(2 * math.pi * i / count), 2),
+             round(nose[1] + 14 * math.sin(2 * math.pi * i / count), 2)) for i in range(count)]
+
+
+def flat(points):
+    return [v for x, y in points for v in (x, y, 1.0)]
+
+
+FULL_BODY = [p if p is not None else (112, 200) if i == L_KNEE else (112, 245) for i, p in enumerate(BODY)]
+BODY2 = [(x + SHIFT, y) for x, y in FULL_BODY]
+HAND2_LEFT = hand_points(BODY2[L_WRIST])
+HAND2_RIGHT = hand_points(BODY2[R_WRIST])
+FACE2 = face_points(BODY2[0], 68)  # a DWPose face
+
+
+def two_people_keypoint() -> list[dict]:
+    """Person 1: a body with no hands and no face; person 2: body, both hands and a 68-point face (DWPose)."""
+    first = {"pose_keypoints_2d": flat(FULL_BODY), "face_keypoints_2d": None, "hand_left_keypoints_2d": None,
+             "hand_right_keypoints_2d": None}
+    second = {"pose_keypoints_2d": flat(BODY2), "face_keypoints_2d": flat(FACE2),
+              "hand_left_keypoints_2d": flat(HAND2_LEFT), "hand_right_keypoints_2d": flat(HAND2_RIGHT)}
+    return [{"people": [first, second], "canvas_width": WIDTH2, "canvas_height": HEIGHT2}]
+
+
+def two_people_image(path) -> None:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (WIDTH2, HEIGHT2), (176, 190, 205))
+    draw = ImageDraw.Draw(image)
+    for dx, shirt in ((0, (60, 90, 150)), (SHIFT, (150, 70, 60))):
+        body = [(x + dx, y) for x, y in FULL_BODY]
+        draw.rectangle((72 + dx, 68, 120 + dx, 155), fill=shirt)
+        draw.ellipse((80 + dx, 18, 112 + dx, 60), fill=(225, 185, 160))
+        for chain in ((2, 3, 4), (5, 6, 7)):
+            draw.line([body[i] for i in chain], fill=(225, 185, 160), width=9)
+        for chain in ((8, 9, 10), (11, 12, 13)):
+            draw.line([body[i] for i in chain], fill=(50, 50, 60), width=12)
+    image.save(path)
+
+
+@pytest.fixture
+def two_people(server, comfy_page):
+    two_people_image(server.base / "input" / IMAGE2)
+    node_id = comfy_page.js(BUILD_GRAPH, {"image": IMAGE2, "pose": json.dumps(two_people_keypoint()),
+                                          "padRight": 0, "padBottom": 64})
+    entry = comfy_page.queue()
+    return comfy_page, node_id, entry
+
+
+def focused(comfy):
+    return comfy.js("() => document.activeElement?.dataset?.key ?? null")
+
+
+def pressed_person(dialog) -> str:
+    return dialog.locator('[data-person-button][aria-pressed="true"]').text_content()
+
+
+def point_position(comfy, part, index, person):
+    j = joint(comfy, part, index, person)
+    return float(j.get_attribute("cx")), float(j.get_attribute("cy"))
+
+
+def wheel_zoom_at(comfy, locator, clicks: int) -> None:
+    box = locator.bounding_box()
+    comfy.page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    for _ in range(clicks):
+        comfy.page.mouse.wheel(0, -100)
+        comfy.page.wait_for_timeout(30)
+
+
+def test_every_person_is_shown_and_selected_by_list_click_and_keyboard(two_people):
+    comfy, node_id, entry = two_people
+    base = json.loads(entry["outputs"][str(node_id)]["pose_base"][0])[0]["people"]
+    assert len(base) == 2 and len(base[1]["face_keypoints_2d"]) == 3 * 68  # the DWPose face came through
+    dialog = open_editor(comfy, node_id)
+    assert dialog.locator("[data-person-button]").all_text_contents() == ["Person 1", "Person 2"]
+    assert pressed_person(dialog) == "Person 1" and focused(comfy) == "0/body/0"
+    # every point of person 2 is drawn: 18 body, 42 hand, 68 face
+    assert dialog.locator('[data-person="1"]').count() == 18 + 42 + 68
+    assert joint(comfy, "body", 0, 1).get_attribute("tabindex") == "-1"  # Tab stays within person 1
+
+    comfy.page.keyboard.press("n")
+    assert pressed_person(dialog) == "Person 2" and focused(comfy) == "1/body/0"
+    assert joint(comfy, "body", 0, 1).get_attribute("tabindex") == "0"
+    assert joint(comfy, "body", 0, 0).get_attribute("tabindex") == "-1"
+    comfy.page.keyboard.press("Shift+N")
+    assert pressed_person(dialog) == "Person 1"
+    dialog.locator("[data-person-button]", has_text="Person 2").click()
+    assert pressed_person(dialog) == "Person 2"
+    dialog.locator("[data-person-button]", has_text="Person 1").click()
+    joint(comfy, "body", NECK, 1).click()  # a click on another person's point selects that person
+    assert pressed_person(dialog) == "Person 2"
+    assert "Person 2, neck" in dialog.locator(".cs-pose-selection").text_content()
+    print(f"\nscreenshot: {comfy.screenshot('pose-editor-two-people')}")
+    comfy.assert_no_errors()
+
+
+def test_zoomed_in_hand_and_face_points_of_the_second_person_drag_into_edits(two_people):
+    comfy, node_id, _ = two_people
+    dialog = open_editor(comfy, node_id)
+    fit_scale = screen_scale(comfy)
+    hand_tip = joint(comfy, "hand_left", 8, 1)
+    wheel_zoom_at(comfy, hand_tip, 6)  # 1.25^6: about 3.8 times
+    scale = screen_scale(comfy)
+    assert scale > 3 * fit_scale
+    assert "%" in dialog.locator("[data-zoom]").text_content()
+    # points keep their size on screen, and the hand under the cursor stays in view
+    assert 3 <= hand_tip.bounding_box()["width"] / 2 <= 8
+    drag(comfy, hand_tip, 30, 15)
+    (op,) = edits(comfy, node_id)
+    x, y = HAND2_LEFT[8]
+    assert op == {"op": "set", "person": 1, "part": "hand_left", "index": 8,
+                  "x": pytest.approx(x + 30 / scale, abs=0.051), "y": pytest.approx(y + 15 / scale, abs=0.051)}
+    assert pressed_person(dialog) == "Person 2"
+
+    comfy.page.keyboard.press("0")  # fit
+    assert screen_scale(comfy) == pytest.approx(fit_scale)
+    face_point = joint(comfy, "face", 17, 1)
+    wheel_zoom_at(comfy, face_point, 8)
+    scale = screen_scale(comfy)
+    drag(comfy, face_point, -20, 10)
+    face_op = edits(comfy, node_id)[-1]
+    fx, fy = FACE2[17]
+    assert face_op == {"op": "set", "person": 1, "part": "face", "index": 17,
+                       "x": pytest.approx(fx - 20 / scale, abs=0.051), "y": pytest.approx(fy + 10 / scale, abs=0.051)}
+    # panning: dragging the image moves the view, not the pose
+    view = comfy.js("() => document.querySelector('.cs-pose-svg').getAttribute('viewBox')")
+    stage = dialog.locator(".cs-pose-svg").bounding_box()
+    comfy.page.mouse.move(stage["x"] + 20, stage["y"] + 20)
+    comfy.page.mouse.down()
+    comfy.page.mouse.move(stage["x"] + 80, stage["y"] + 60, steps=4)
+    comfy.page.mouse.up()
+    assert comfy.js("() => document.querySelector('.cs-pose-svg').getAttribute('viewBox')") != view
+    assert len(edits(comfy, node_id)) == 2
+    print(f"\nscreenshot: {comfy.screenshot('pose-editor-zoomed-hand')}")
+    comfy.page.keyboard.press("Escape")
+
+    entry = comfy.queue()  # the backend applies the hand and face edits to person 2
+    person = json.loads(entry["outputs"][str(node_id)]["pose_edited"][0])[0]["people"][1]
+    assert person["hand_left_keypoints_2d"][3 * 8:3 * 8 + 3] == [op["x"], op["y"], 1.0]
+    assert person["face_keypoints_2d"][3 * 17:3 * 17 + 3] == [face_op["x"], face_op["y"], 1.0]
+    assert len(person["face_keypoints_2d"]) == 3 * 68
+    comfy.assert_no_errors()
+
+
+def test_a_hand_is_added_at_a_wrist_deleted_and_restored_with_undo_and_the_keyboard(two_people):
+    comfy, node_id, _ = two_people
+    page = comfy.page
+    dialog = open_editor(comfy, node_id)
+    add = dialog.locator('[data-add-hand="hand_right"]')
+    assert add.text_content() == "+ right hand at wrist"
+    add.click()
+    (op,) = edits(comfy, node_id)
+    assert op["op"] == "set_part" and op["person"] == 0 and op["part"] == "hand_right" and len(op["points"]) == 21
+    assert op["points"][0] == list(FULL_BODY[R_WRIST])  # the hand's wrist on the body's wrist
+    tips = [op["points"][i] for i in (4, 8, 12, 16, 20)]
+    assert all(y > FULL_BODY[R_WRIST][1] for _, y in tips)  # on from the forearm, which points down
+    assert op["points"][4][0] < op["points"][20][0]  # thumb away from the body (image left for the right hand)
+    assert dialog.locator('.cs-pose-hand_right[data-person="0"]').count() == 21
+    assert focused(comfy) == "0/hand_right/0"  # ready for the arrow keys
+
+    page.keyboard.press("ArrowDown")
+    assert edits(comfy, node_id)[-1]["op"] == "set" and edits(comfy, node_id)[-1]["part"] == "hand_right"
+    page.keyboard.press("p")  # arrows: whole person
+    page.keyboard.press("p")  # arrows: the selected point's part (this hand)
+    assert dialog.locator('[data-action="mode"]').text_content() == "Arrows move: part"
+    page.keyboard.press("ArrowRight")
+    assert edits(comfy, node_id)[-1] == {"op": "translate", "person": 0, "part": "hand_right", "dx": 1, "dy": 0}
+    count = len(edits(comfy, node_id))
+    page.keyboard.press("Shift+Delete")
+    assert edits(comfy, node_id)[-1] == {"op": "remove_part", "person": 0, "part": "hand_right"}
+    assert dialog.locator('.cs-pose-hand_right[data-person="0"]').count() == 0
+    page.keyboard.press("Control+z")
+    assert len(edits(comfy, node_id)) == count
+    assert dialog.locator('.cs-pose-hand_right[data-person="0"]').count() == 21
+    page.keyboard.press("Control+y")
+    assert dialog.locator('.cs-pose-hand_right[data-person="0"]').count() == 0
+
+    # A: a hand at the selected wrist, by keyboard only
+    joint(comfy, "body", L_WRIST, 0).focus()
+    page.keyboard.press("a")
+    last = edits(comfy, node_id)[-1]
+    assert last["op"] == "set_part" and last["part"] == "hand_left" and last["points"][0] == list(FULL_BODY[L_WRIST])
+    # delete a part from the side panel: person 2's face
+    page.keyboard.press("n")
+    dialog.locator('[data-remove-part="face"]').click()
+    assert edits(comfy, node_id)[-1] == {"op": "remove_part", "person": 1, "part": "face"}
+    assert dialog.locator('.cs-pose-face[data-person="1"]').count() == 0
+    print(f"\nscreenshot: {comfy.screenshot('pose-editor-hand-added')}")
+    comfy.assert_no_errors()
+
+
+def test_parts_are_shown_and_hidden_by_buttons_and_keys_without_edits(two_people):
+    comfy, node_id, _ = two_people
+    page = comfy.page
+    dialog = open_editor(comfy, node_id)
+    hands = dialog.locator(".cs-pose-hand_left, .cs-pose-hand_right")
+    faces = dialog.locator(".cs-pose-face")
+    assert hands.count() == 42 and faces.count() == 68
+    page.keyboard.press("h")
+    assert hands.count() == 0 and dialog.locator(".cs-pose-hand-bone").count() == 0
+    assert dialog.locator('[data-action="show-hands"]').get_attribute("aria-pressed") == "false"
+    dialog.locator('[data-action="show-face"]').click()
+    assert faces.count() == 0
+    page.keyboard.press("b")
+    assert dialog.locator(".cs-pose-body").count() == 0
+    page.keyboard.press("b")
+    page.keyboard.press("h")
+    page.keyboard.press("f")
+    assert hands.count() == 42 and faces.count() == 68 and dialog.locator(".cs-pose-body").count() == 36
+    assert edits_value(comfy, node_id) == ""  # showing and hiding is not an edit
+    comfy.assert_no_errors()
