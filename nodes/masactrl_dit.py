@@ -1,0 +1,251 @@
+"""MasaCtrl on MM-DiT models (Flux, SD3) through ComfyUI's public patching hooks.
+
+Two hooks, both on a clone of the user's model, both chained with patches already there:
+
+* ``patches_replace["dit"]`` block replacements, ``("double_block", i)`` and ``("single_block", i)``
+  (Flux) or ``("double_block", i)`` (SD3's joint blocks): inside the step window a patched block
+  runs the original block (or the replacement that was there before) with a copy of
+  ``transformer_options`` that carries an attention override;
+* ``transformer_options["optimized_attention_override"]``: the host's attention functions hand it
+  the block's q, k, v (Flux: after RoPE, exactly as the model applies it) and it computes the joint
+  MasaCtrl attention of ``attention/joint_attention.py`` with the host's own attention function.
+
+Blocks are numbered in execution order: Flux's double blocks, then its single blocks (FLUX.1:
+19 + 38 = 57); SD3's joint blocks (24 in SD3 Medium, 38 in SD3.5 Large). The step comes from the
+run's StepClock, a host int, so the hot path reads nothing from the device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import comfy.ldm.flux.layers
+import comfy.ldm.flux.math
+import comfy.ldm.flux.model
+import comfy.ldm.modules.attention as host_attention
+import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+import comfy.patcher_extension
+
+from ..attention import joint_attention
+from ..samplers import step_clock
+from . import step_clock as clock_nodes
+
+NODE = "MasaCtrlAttentionPatch"
+WRAPPER_KEY = "consistent_synthesis.masactrl_dit"
+TEXT_TOKENS_KEY = "consistent_synthesis.masactrl_dit.text_tokens"
+LAYER_KEY = "consistent_synthesis.masactrl_dit.layer"  # the patched block running now (tests read it)
+OVERRIDE = "optimized_attention_override"
+HOST_VERSION = "0.3.64"  # the first release these hooks were checked on (docs/compatibility.md)
+
+# Published block sets (execution-order numbering as above).
+STABLE_FLOW_FLUX_LAYERS = (0, 1, 2, 17, 18, 25, 28, 53, 54, 56)  # Stable Flow, FLUX.1-dev vital layers
+
+
+def _error(input_name: str, message: str) -> ValueError:
+    return ValueError(f"{NODE}: input '{input_name}': {message}")
+
+
+def _diffusion_model(model_patcher):
+    return model_patcher.get_model_object("diffusion_model")
+
+
+def _kind(diffusion_model) -> str | None:
+    if isinstance(diffusion_model, comfy.ldm.flux.model.Flux):
+        return "flux"
+    if isinstance(diffusion_model, mmdit.MMDiT) and hasattr(diffusion_model, "joint_blocks"):
+        return "sd3"
+    return None
+
+
+def is_dit(model_patcher) -> bool:
+    """Whether ``model_patcher`` holds a Flux or SD3 (MM-DiT) diffusion model."""
+    return _kind(_diffusion_model(model_patcher)) is not None
+
+
+def block_keys(diffusion_model) -> list[tuple[str, int]]:
+    """The ``patches_replace["dit"]`` keys of the model's joint-attention blocks, in execution order."""
+    kind = _kind(diffusion_model)
+    if kind == "flux":
+        return ([("double_block", i) for i in range(len(diffusion_model.double_blocks))]
+                + [("single_block", i) for i in range(len(diffusion_model.single_blocks))])
+    if kind == "sd3":
+        return [("double_block", i) for i in range(len(diffusion_model.joint_blocks))]
+    return []
+
+
+def block_count(model_patcher) -> int:
+    """Number of joint-attention blocks (Flux: double + single; SD3: joint blocks)."""
+    return len(block_keys(_diffusion_model(model_patcher)))
+
+
+def host_has_hooks() -> bool:
+    """Whether the host's DiT blocks pass ``transformer_options`` on to an overridable attention."""
+    def takes_options(fn):
+        return "transformer_options" in inspect.signature(fn).parameters
+    return (hasattr(host_attention, "wrap_attn")
+            and takes_options(comfy.ldm.flux.layers.DoubleStreamBlock.forward)
+            and takes_options(comfy.ldm.flux.layers.SingleStreamBlock.forward)
+            and takes_options(comfy.ldm.flux.math.attention)
+            and takes_options(mmdit._block_mixing))
+
+
+class _Override:
+    """The attention override of one patched block call: joint MasaCtrl attention."""
+
+    def __init__(self, settings: dict, image_tokens: int, chunks: int, previous=None):
+        self.settings = settings
+        self.image_tokens = image_tokens
+        self.chunks = chunks
+        self.previous = previous
+
+    def __call__(self, func, *args, **kwargs):
+        q, k, v = args[:3]
+        rest = args[3:]
+        heads = rest[0] if rest else kwargs.pop("heads")
+        rest = rest[1:]
+        call = func if self.previous is None else (lambda *a, **kw: self.previous(func, *a, **kw))
+        # Flux hands (b, heads, n, d) with skip_reshape; SD3 hands q, k as (b, n, heads * d), v as (b, n, heads, d).
+        if not kwargs.get("skip_reshape", False):
+            b, n, inner = q.shape
+            q, k, v = (t.reshape(b, t.shape[1], heads, inner // heads).transpose(1, 2) for t in (q, k, v))
+            kwargs["skip_reshape"] = True
+        image_start = q.shape[2] - self.image_tokens
+        if image_start < 0:  # not an attention over this block's tokens: leave it alone
+            return call(q, k, v, heads, *rest, **kwargs)
+        s = self.settings
+        batch = q.shape[0]
+        if batch % self.chunks or batch // self.chunks < 2 or s["source_index"] >= batch // self.chunks:
+            raise _error("source_index", f"{s['source_index']} does not fit a batch of {batch // self.chunks} "
+                         "latents; put the source and at least one target in one batch (MasaCtrl Latent Batch).")
+        if kwargs.get("mask") is not None and s["mode"] == "union":
+            raise _error("mode", "union cannot be combined with an attention mask on this model; use mutual.")
+
+        def attention(q_, k_, v_):
+            return call(q_, k_, v_, heads, *rest, **kwargs)
+        return joint_attention.joint_mutual_attention(
+            q, k, v, image_start=image_start, chunks=self.chunks, source_index=s["source_index"],
+            mode=s["mode"], attention=attention)
+
+
+class _BlockPatch:
+    """The ``patches_replace["dit"]`` entry of one patched block."""
+
+    def __init__(self, settings: dict, layer: int, single: bool, previous=None):
+        self.settings = settings
+        self.layer = layer
+        self.single = single
+        self.previous = previous
+
+    def __deepcopy__(self, memo):
+        return self  # immutable; clones of the model share it
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        run = extra["original_block"] if self.previous is None else (lambda a: self.previous(a, extra))
+        options = args.get("transformer_options") or {}
+        s = self.settings
+        step = step_clock.current_step(options)
+        if step is None or step < s["start_step"] or (0 <= s["end_step"] <= step):
+            return run(args)
+        image_tokens = args["img"].shape[1]
+        if self.single:  # Flux single blocks see [text; image] as one sequence
+            image_tokens -= options[TEXT_TOKENS_KEY]
+        patched = dict(options)
+        patched[OVERRIDE] = _Override(s, image_tokens, len(options.get("cond_or_uncond", [0])), options.get(OVERRIDE))
+        patched[LAYER_KEY] = self.layer
+        return run(dict(args, transformer_options=patched))
+
+
+def _record_text_tokens(executor, x, timestep, context, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper (Flux): how many text tokens precede the image in single blocks."""
+    args = list(args)
+    # Flux.forward passes (x, timestep, context, y, guidance, ref_latents, control, transformer_options)
+    if len(args) >= 5:
+        args[4] = dict(args[4], **{TEXT_TOKENS_KEY: context.shape[1]})
+    else:
+        kwargs["transformer_options"] = dict(kwargs.get("transformer_options", {}),
+                                             **{TEXT_TOKENS_KEY: context.shape[1]})
+    return executor(x, timestep, context, *args, **kwargs)
+
+
+def _outer_sample_wrapper(settings: dict, layers: list[int], count: int):
+    def wrapper(executor, *args, **kwargs):
+        latent, sigmas = args[1], args[3]
+        batch = latent.shape[0]
+        if batch < 2:
+            raise _error("model", "the latent batch holds one image, so there is no target to control. Put the "
+                         "source and its targets in one batch (MasaCtrl Latent Batch, MasaCtrl Conditioning Batch).")
+        if settings["source_index"] >= batch:
+            raise _error("source_index", f"{settings['source_index']} is outside the latent batch of {batch}; "
+                         f"use 0 to {batch - 1}.")
+        steps = len(sigmas) - 1
+        end_step = steps if settings["end_step"] < 0 else min(settings["end_step"], steps)
+        if settings["start_step"] >= end_step or not layers:
+            logging.warning("%s: nothing is patched in this run (steps %d-%d of %d, %d of %d blocks).", NODE,
+                            settings["start_step"], end_step, steps, len(layers), count)
+        else:
+            logging.info("%s: %s joint attention on steps %d-%d of %d, blocks %s of %d.", NODE, settings["mode"],
+                         settings["start_step"], end_step - 1, steps, ",".join(map(str, layers)), count)
+        return executor(*args, **kwargs)
+    return wrapper
+
+
+def _chosen_layers(count: int, start_layer: int, end_layer: int, layers) -> list[int]:
+    if layers is not None:
+        chosen = sorted(set(layers))
+        bad = [i for i in chosen if not 0 <= i < count]
+        if bad:
+            raise _error("layers", f"{', '.join(map(str, bad))} outside this model's {count} blocks; use 0 to "
+                         f"{count - 1} (blocks count double blocks first, then single blocks).")
+        if not chosen:
+            raise _error("layers", "the list is empty; give block numbers such as 0,1,17,18 or leave it blank "
+                         "to use start_layer and end_layer.")
+        return chosen
+    if start_layer > count:
+        raise _error("start_layer", f"{start_layer} is past this model's {count} blocks; use 0 to {count - 1}.")
+    end = count if end_layer < 0 else end_layer
+    if end > count:
+        raise _error("end_layer", f"{end_layer} is past this model's {count} blocks; use at most {count}, or -1 "
+                     "for the last block.")
+    if end <= start_layer and start_layer < count:
+        raise _error("end_layer", f"{end_layer} leaves no block after start_layer {start_layer}; use -1 or a "
+                     "larger value.")
+    return list(range(start_layer, end))
+
+
+def patch_dit_model(model_patcher, *, start_step: int = 0, start_layer: int = 0, end_step: int = -1,
+                    end_layer: int = -1, layers: list[int] | None = None, mode: str = "mutual",
+                    source_index: int = 0):
+    """A clone of ``model_patcher`` (Flux or SD3) with joint MasaCtrl attention in the chosen blocks.
+
+    ``layers`` (block numbers in execution order) replaces ``start_layer``/``end_layer`` when given.
+    """
+    diffusion_model = _diffusion_model(model_patcher)
+    kind = _kind(diffusion_model)
+    if kind is None:
+        raise _error("model", "this is not a Flux or SD3 model; the MM-DiT form of MasaCtrl supports Flux "
+                     "(double and single blocks) and SD3 / SD3.5 (joint blocks).")
+    if not host_has_hooks():
+        raise _error("model", f"this ComfyUI is too old for MasaCtrl on Flux and SD3: it needs the DiT "
+                     f"attention override (ComfyUI {HOST_VERSION} or newer). Update ComfyUI.")
+    if mode not in joint_attention.MODES:
+        raise _error("mode", f"{mode!r} is not one of {joint_attention.MODES}.")
+    if 0 <= end_step <= start_step:
+        raise _error("end_step", f"{end_step} leaves no step after start_step {start_step}; use -1 or a larger value.")
+    keys = block_keys(diffusion_model)
+    chosen = _chosen_layers(len(keys), start_layer, end_layer, layers)
+
+    settings = dict(start_step=start_step, end_step=end_step, mode=mode, source_index=source_index)
+    patched = model_patcher.clone()
+    existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for layer in chosen:
+        name, index = keys[layer]
+        patched.set_model_patch_replace(_BlockPatch(settings, layer, name == "single_block", existing.get(keys[layer])),
+                                        "dit", name, index)
+    clock_nodes.attach(patched)
+    if kind == "flux":
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+                                     _record_text_tokens)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                                 _outer_sample_wrapper(settings, chosen, len(keys)))
+    return patched
