@@ -10,13 +10,19 @@ import torch
 from comfy_api.latest import io
 
 BATCHED_KEYS = ("pooled_output",)
+# Per-prompt settings one batched conditioning holds once: Flux's distilled guidance scale.
+SHARED_KEYS = ("guidance",)
+# T5-XXL text embeddings (Flux, SD3): there the text tokens join the image tokens' attention.
+JOINT_TEXT_WIDTH = 4096
 
 
 def _pad_tokens(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Repeat each token sequence up to a common length (their lcm), as ComfyUI batches prompts.
 
     Repeating the whole key/value sequence leaves softmax cross-attention unchanged, so every
-    prompt conditions its image exactly as it would alone.
+    prompt conditions its image exactly as it would alone. In the joint attention of Flux and
+    SD3 it does not (the repeated text tokens are also queried by the image): there prompts of
+    equal token count are exact, which short prompts are (T5 pads to 256 tokens for Flux, 77 for SD3).
     """
     length = math.lcm(*(t.shape[1] for t in tensors))
     return [t.repeat(1, length // t.shape[1], 1) for t in tensors]
@@ -39,6 +45,14 @@ def stack_conditioning(source: list, target: list, node: str = "MasaCtrlConditio
                                  "with the same CLIP model.")
             if key in d_s:
                 d[key] = torch.cat([d_s[key], d_t[key]])
+        for key in SHARED_KEYS:
+            if key in d_t and d_t[key] != d_s.get(key):
+                logging.warning("%s: the target's %s (%s) differs from the source's (%s); the batch uses the "
+                                "source's, so set it after batching.", node, key, d_t[key], d_s.get(key))
+        if c_s.shape[1] != c_t.shape[1] and c_s.shape[-1] == JOINT_TEXT_WIDTH:
+            logging.warning("%s: the source has %d text tokens and the target %d; in Flux and SD3 the shorter "
+                            "prompt is repeated, which weighs its text more than it would alone. Shorten the "
+                            "longer prompt to match for exact results.", node, c_s.shape[1], c_t.shape[1])
         ignored = sorted(k for k in d_t if k not in BATCHED_KEYS and k not in d_s)
         if ignored:
             logging.warning("%s: the target's %s are not carried over; apply them after batching.", node, ignored)

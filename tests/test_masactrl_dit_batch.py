@@ -1,0 +1,103 @@
+"""MasaCtrl Conditioning/Latent Batch with Flux and SD3: pooled outputs, guidance, 16-channel latents."""
+
+import logging
+
+import pytest
+import torch
+
+from conftest import require_host
+
+require_host()
+
+import comfy.sample  # noqa: E402
+
+import tiny_dit_models as td  # noqa: E402
+from consistent_synthesis.nodes import masactrl_dit as D  # noqa: E402
+from consistent_synthesis.nodes.masactrl_batch import (  # noqa: E402
+    MasaCtrlConditioningBatch, MasaCtrlLatentBatch)
+
+CFG = {"flux": 1.0, "sd3": 4.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def stack(source, target):
+    return MasaCtrlConditioningBatch.execute(source=source, target=target).result[0]
+
+
+def latents(source, targets=1, source_is_reference=False):
+    return MasaCtrlLatentBatch.execute(source=source, targets=targets, source_is_reference=source_is_reference,
+                                       share_noise=True).result[0]
+
+
+def run(model, kind, latent, positive, negative, steps=3, seed=7):
+    """What ComfyUI's KSampler node does with a LATENT dict (nodes.common_ksampler)."""
+    samples = latent["samples"]
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    return comfy.sample.sample(model, noise, steps, CFG[kind], "euler", "simple", positive, negative, samples,
+                               noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed)
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_stacked_prompts_condition_each_image_as_if_sampled_alone(kind):
+    """Pooled vectors (and Flux's guidance) batched with the text: each row equals its own single run."""
+    model = td.tiny_dit(kind)
+    source, target = td.conditioning(kind, seed=1), td.conditioning(kind, seed=2)
+    negative = td.conditioning(kind, seed=3)
+    batched = stack(source, target)
+    assert batched[0][1]["pooled_output"].shape == (2, td.POOLED_DIM[kind])
+    single = {"samples": torch.zeros(1, 16, 8, 8)}
+    together = run(model, kind, latents(single), batched, negative)
+    assert together.shape == (2, 16, 8, 8)
+    for row, alone in ((0, run(model, kind, single, source, negative)[0]),
+                       (1, run(model, kind, single, target, negative)[0])):
+        assert (together[row] - alone).abs().max() < 1e-5 * alone.abs().max()
+
+
+def test_a_flux_batch_runs_patched_and_keeps_the_source():
+    model = td.tiny_dit("flux")
+    positive = stack(stack(td.conditioning("flux", seed=1), td.conditioning("flux", seed=2)),
+                     td.conditioning("flux", seed=4))
+    negative = td.conditioning("flux", seed=3)
+    batch = latents({"samples": torch.zeros(1, 16, 8, 8)}, targets=2)
+    plain = run(model, "flux", batch, positive, negative)
+    out = run(D.patch_dit_model(model, start_step=1, layers=[0, 1, 2, 17, 18, 25, 28, 53, 54, 56]), "flux",
+              batch, positive, negative)
+    assert torch.equal(out[0], plain[0])
+    assert not torch.allclose(out[1:], plain[1:], atol=1e-4)
+
+
+def test_a_reference_source_latent_with_16_channels_is_held_known():
+    reference = {"samples": torch.randn(1, 16, 8, 8)}
+    out = latents(reference, targets=2, source_is_reference=True)
+    assert out["samples"].shape == (3, 16, 8, 8)
+    assert torch.equal(out["samples"][0], reference["samples"][0])
+    assert out["noise_mask"].shape == (3, 1, 8, 8)
+    assert out["noise_mask"][0].max() == 0 and out["noise_mask"][1:].min() == 1
+
+
+def test_a_different_target_guidance_is_reported(caplog):
+    source, target = td.conditioning("flux", seed=1, guidance=3.5), td.conditioning("flux", seed=2, guidance=5.0)
+    with caplog.at_level(logging.WARNING):
+        out = stack(source, target)
+    assert out[0][1]["guidance"] == 3.5
+    assert "guidance (5.0) differs from the source's (3.5)" in caplog.text
+
+
+def test_t5_prompts_of_different_length_are_reported(caplog):
+    source = [[torch.randn(1, 256, 4096), {"pooled_output": torch.randn(1, 768)}]]
+    target = [[torch.randn(1, 512, 4096), {"pooled_output": torch.randn(1, 768)}]]
+    with caplog.at_level(logging.WARNING):
+        out = stack(source, target)
+    assert out[0][0].shape == (2, 512, 4096)
+    assert "the source has 256 text tokens and the target 512" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        stack(source, source)
+    assert "text tokens" not in caplog.text
