@@ -58,6 +58,25 @@ class _RunState:
 
     def __init__(self):
         self.masks: dict = {}
+        # automatic masks: the conditional rows' cross-attention maps of the current evaluation
+        self.maps_sigmas = None  # the evaluation's sigmas tensor (held, so identity is safe)
+        self.maps_sum: torch.Tensor | None = None  # (latents, tokens, prompt tokens), summed over layers
+        self.maps_count = 0
+        self.auto_masks: dict = {}
+
+    def add_maps(self, rows: torch.Tensor, sigmas) -> None:
+        if self.maps_sigmas is not sigmas:  # a new model evaluation: maps never carry over
+            self.maps_sigmas, self.maps_sum, self.maps_count, self.auto_masks = sigmas, None, 0, {}
+        rows = rows.float()
+        self.maps_sum = rows.clone() if self.maps_sum is None else self.maps_sum + rows
+        self.maps_count += 1
+        self.auto_masks = {}
+
+    def maps(self, sigmas) -> torch.Tensor | None:
+        """The mean map over the layers recorded so far in this evaluation, or None."""
+        if self.maps_sigmas is not sigmas or self.maps_count == 0:
+            return None
+        return self.maps_sum / self.maps_count
 
 
 class _RunStates:
@@ -100,6 +119,33 @@ class _LayerPatch:
             state.masks[key] = (source, target, masactrl.region_biases(source, dtype))
         return state.masks[key]
 
+    def _auto_masks(self, state: _RunState, extra_options: dict, dtype):
+        """The official auto variant's masks at this layer: the conditional source and target rows'
+        token maps (latent/4, averaged over the layers so far), nearest-resized, thresholded."""
+        from ..attention import cross_attention
+        from . import cross_attention_maps
+
+        maps = state.maps(extra_options.get("sigmas"))
+        if maps is None:
+            return None  # no cross-attention map yet in this evaluation: plain mutual attention
+        h, w = extra_options["activations_shape"][-2:]
+        key = (h, w, dtype)
+        if key not in state.auto_masks:
+            s = self.settings
+            per_chunk, _, prompt = maps.shape
+            for name in ("source_tokens", "target_tokens"):
+                cross_attention.check_token_indices(s[name], prompt, NODE, name)
+            rows = [s["target_tokens"]] * per_chunk
+            rows[s["source_index"]] = s["source_tokens"]
+            map_h, map_w = cross_attention_maps.map_resolution(extra_options)
+            token_maps = cross_attention.token_map([maps], cross_attention.selection(rows, prompt, maps.device),
+                                                   map_h, map_w)
+            binary = (masactrl.resize_mask(token_maps, h, w) >= s["mask_threshold"]).to(dtype)
+            source = binary[s["source_index"]]
+            target = masactrl._without_row(binary[None], s["source_index"])[0]
+            state.auto_masks[key] = (source, target, masactrl.region_biases(source, dtype))
+        return state.auto_masks[key]
+
     def __call__(self, q, k, v, extra_options):
         s = self.settings
         step = step_clock.current_step(extra_options)
@@ -114,6 +160,10 @@ class _LayerPatch:
             h, w = extra_options["activations_shape"][-2:]
             source_mask, target_mask, biases = self._given_masks(_run_state(extra_options, s), h, w, q.device,
                                                                  q.dtype)
+        elif s["auto_mask"]:
+            masks = self._auto_masks(_run_state(extra_options, s), extra_options, q.dtype)
+            if masks is not None:
+                source_mask, target_mask, biases = masks
         try:
             return masactrl.mutual_self_attention(
                 q, k, v, extra_options["n_heads"], chunks=len(extra_options["cond_or_uncond"]),
@@ -124,10 +174,45 @@ class _LayerPatch:
             raise ValueError(f"{NODE}: {e}") from e
 
 
+def _map_recorder(settings: dict):
+    """``on_maps`` for the attn2 recorders: keeps the conditional rows' maps of each evaluation."""
+    def on_maps(maps: torch.Tensor, extra_options: dict) -> None:
+        cond_or_uncond = extra_options["cond_or_uncond"]
+        if 0 not in cond_or_uncond:
+            return  # an unconditional-only call uses the conditional maps of its evaluation
+        per_chunk = maps.shape[0] // len(cond_or_uncond)
+        c = cond_or_uncond.index(0)
+        _run_state(extra_options, settings).add_maps(maps[c * per_chunk:(c + 1) * per_chunk],
+                                                      extra_options.get("sigmas"))
+    return on_maps
+
+
 def _sampler_sample_wrapper(executor, *args, **kwargs):
     """A fresh per-run state holder in the run's own copy of the transformer options."""
     args[2]["model_options"].setdefault("transformer_options", {}).setdefault(RUN_KEY, _RunStates())
     return executor(*args, **kwargs)
+
+
+def _layer_list(text: str) -> list[int] | None:
+    """The node's ``layers`` STRING ("10, 12, 14") as a list; empty means start_layer to end_layer."""
+    if not text or not text.strip():
+        return None
+    try:
+        layers = [int(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise _error("layers", f"{text!r} is not a comma-separated list of layer numbers (e.g. \"10, 12, 14\").")
+    if any(i < 0 for i in layers):
+        raise _error("layers", f"{text!r} holds a negative layer number; layers count from 0.")
+    return layers or None
+
+
+def _token_list(tokens, input_name: str) -> list[int]:
+    """Token indices from the node's STRING ("1, 2") or from a list."""
+    from ..attention import cross_attention
+
+    if isinstance(tokens, str):
+        return cross_attention.parse_token_indices(tokens, NODE, input_name)
+    return [int(t) for t in tokens]
 
 
 def _check_latent(settings: dict, latent: torch.Tensor) -> None:
@@ -160,27 +245,35 @@ def _outer_sample_wrapper(settings: dict, layer_count: int):
         _check_latent(settings, latent)
         steps = len(sigmas) - 1
         end_step = steps if settings["end_step"] < 0 else min(settings["end_step"], steps)
-        if settings["start_step"] >= end_step or settings["start_layer"] >= settings["end_layer"]:
+        layers = settings["layers"]
+        if settings["start_step"] >= end_step or not layers:
             logging.warning("%s: nothing is patched in this run (steps %d-%d of %d, layers %d-%d of %d).", NODE,
                             settings["start_step"], end_step, steps, settings["start_layer"],
                             settings["end_layer"], layer_count)
         else:
-            logging.info("%s: %s self-attention on steps %d-%d of %d, layers %d-%d of %d.", NODE, settings["mode"],
-                         settings["start_step"], end_step - 1, steps, settings["start_layer"],
-                         settings["end_layer"] - 1, layer_count)
+            contiguous = layers == list(range(layers[0], layers[-1] + 1))
+            logging.info("%s: %s self-attention%s on steps %d-%d of %d, layers %s of %d.", NODE, settings["mode"],
+                         " with automatic masks" if settings["auto_mask"] else "", settings["start_step"],
+                         end_step - 1, steps, f"{layers[0]}-{layers[-1]}" if contiguous else layers, layer_count)
         return executor(*args, **kwargs)
     return wrapper
 
 
 def patch_model(model, *, start_step: int = 4, start_layer: int = 10, end_step: int = -1, end_layer: int = -1,
-                mode: str = "mutual", source_index: int = 0, source_mask=None, target_mask=None, attention=None):
+                mode: str = "mutual", source_index: int = 0, source_mask=None, target_mask=None,
+                auto_mask: bool = False, source_tokens=(1,), target_tokens=(1,), mask_threshold: float = 0.1,
+                layers: list[int] | None = None, attention=None):
     """A clone of ``model`` with MasaCtrl on the self-attention layers ``[start_layer, end_layer)``.
 
-    ``attention(q, k, v, heads)`` replaces ComfyUI's optimized attention inside MasaCtrl layers
-    (benchmarks compare it with the official code's materialized attention matrix).
+    ``layers``: an explicit list of layers instead of ``[start_layer, end_layer)``.
+    ``auto_mask``: masks from the prompts' cross-attention maps of ``source_tokens`` and
+    ``target_tokens`` (official ``MutualSelfAttentionControlMaskAuto``), thresholded at
+    ``mask_threshold``. ``attention(q, k, v, heads, mask=None)`` replaces ComfyUI's optimized
+    attention inside MasaCtrl layers (benchmarks compare it with the official code's
+    materialized attention matrix).
     """
-    layers: list[LayerKey] = self_attention_layers(model.get_model_object("diffusion_model"))
-    count = len(layers)
+    all_layers: list[LayerKey] = self_attention_layers(model.get_model_object("diffusion_model"))
+    count = len(all_layers)
     if count == 0:
         raise _error("model", "this model has no UNet transformer blocks; MasaCtrl supports SD1.x, SD2.x "
                      "and SDXL UNets.")
@@ -194,6 +287,13 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = 10, end_step: 
     if end_layer <= start_layer and start_layer < count:
         raise _error("end_layer", f"{end_layer} leaves no layer after start_layer {start_layer}; "
                      "use -1 or a larger value.")
+    if layers:
+        past = [i for i in layers if i >= count]
+        if past:
+            raise _error("layers", f"{past} are past this model's {count} self-attention layers; use 0 to "
+                         f"{count - 1}.")
+        start_layer, end_layer = min(layers), max(layers) + 1
+    selected = sorted(set(layers)) if layers else list(range(start_layer, end_layer))
     if 0 <= end_step <= start_step:
         raise _error("end_step", f"{end_step} leaves no step after start_step {start_step}; use -1 or a larger value.")
     if mode not in masactrl.MODES:
@@ -210,15 +310,37 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = 10, end_step: 
         if source_mask.shape[0] != 1:
             raise _error("source_mask", f"holds {source_mask.shape[0]} masks; give the one mask of the source.")
 
+    if auto_mask:
+        if source_mask is not None or target_mask is not None:
+            raise _error("auto_mask", "automatic masks and the given source_mask/target_mask exclude each other; "
+                         "turn auto_mask off or disconnect source_mask and target_mask.")
+        if mode != "mutual":
+            raise _error("mode", "automatic masks are defined for mode 'mutual' (paper Sec. 4.2); set mode to "
+                         "mutual or turn auto_mask off.")
+        if not 0.0 <= mask_threshold <= 1.0:
+            raise _error("mask_threshold", f"{mask_threshold} is outside 0 to 1 (the maps are normalised to 0-1).")
+        source_tokens = _token_list(source_tokens, "source_tokens")
+        target_tokens = _token_list(target_tokens, "target_tokens")
+
     settings = dict(start_step=start_step, end_step=end_step, start_layer=start_layer, end_layer=end_layer,
-                    mode=mode, source_index=source_index, source_mask=source_mask, target_mask=target_mask)
+                    mode=mode, source_index=source_index, source_mask=source_mask, target_mask=target_mask,
+                    auto_mask=auto_mask, source_tokens=source_tokens, target_tokens=target_tokens,
+                    mask_threshold=mask_threshold, layers=selected)
     patched = model.clone()
     diffusion_model = patched.get_model_object("diffusion_model")
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    for key in layers[start_layer:end_layer]:
+    for key in [all_layers[i] for i in selected]:
         previous = existing.get(key, existing.get(key[:2]))
         preferred = getattr(attn1_module(diffusion_model, key), "comfy_attention", None)
         patched.set_model_attn1_replace(_LayerPatch(settings, previous, attention, preferred), *key)
+    if auto_mask:
+        from . import cross_attention_maps
+
+        existing2 = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+        on_maps = _map_recorder(settings)
+        for key in all_layers:
+            previous = existing2.get(key, existing2.get(key[:2]))
+            patched.set_model_attn2_replace(cross_attention_maps.recording_attn2(on_maps, previous), *key)
     clock_nodes.attach(patched)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                                  _outer_sample_wrapper(settings, count))
@@ -262,15 +384,34 @@ class MasaCtrlAttentionPatch(io.ComfyNode):
                     "the target's foreground draws only on the source's foreground and background on background.")),
                 io.Mask.Input("target_mask", optional=True, tooltip=(
                     "Foreground of the target(s): one mask for all targets, or one per target in batch order.")),
+                io.Boolean.Input("auto_mask", default=False, optional=True, tooltip=(
+                    "Masks from the prompts' cross-attention maps instead of drawn ones (the paper's automatic "
+                    "mask-guided variant): where source_tokens land in the source and target_tokens in each "
+                    "target, the target's foreground draws on the source's foreground, background on background. "
+                    "Not with source_mask/target_mask.")),
+                io.String.Input("source_tokens", default="1", optional=True, tooltip=(
+                    "Token indices of the source prompt whose maps make the source mask, comma-separated (1 = "
+                    "the first word; the official default). Prompt Token Indices gives them from words.")),
+                io.String.Input("target_tokens", default="1", optional=True, tooltip=(
+                    "Token indices of the target prompt whose maps make each target's mask, comma-separated.")),
+                io.Float.Input("mask_threshold", default=0.1, min=0.0, max=1.0, step=0.01, optional=True, tooltip=(
+                    "Automatic masks: a token is foreground where its normalised map is at least this (paper: "
+                    "0.1).")),
+                io.String.Input("layers", default="", optional=True, tooltip=(
+                    "Explicit layer list, comma-separated (e.g. \"10, 12, 14\"), for the non-contiguous sets some "
+                    "papers use; overrides start_layer and end_layer. Empty: start_layer to end_layer.")),
             ],
             outputs=[io.Model.Output(tooltip="The patched clone of the model.")],
         )
 
     @classmethod
     def execute(cls, model, start_step, start_layer, end_step, end_layer, mode, source_index,
-                source_mask=None, target_mask=None) -> io.NodeOutput:
+                source_mask=None, target_mask=None, auto_mask=False, source_tokens="1", target_tokens="1",
+                mask_threshold=0.1, layers="") -> io.NodeOutput:
         from . import checks
         checks.inputs(cls, locals())
         return io.NodeOutput(patch_model(
             model, start_step=start_step, start_layer=start_layer, end_step=end_step, end_layer=end_layer,
-            mode=mode, source_index=source_index, source_mask=source_mask, target_mask=target_mask))
+            mode=mode, source_index=source_index, source_mask=source_mask, target_mask=target_mask,
+            auto_mask=auto_mask, source_tokens=source_tokens, target_tokens=target_tokens,
+            mask_threshold=mask_threshold, layers=_layer_list(layers)))

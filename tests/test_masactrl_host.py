@@ -340,3 +340,28 @@ def test_non_unet_model_is_rejected():
 
     with pytest.raises(ValueError, match="model.*SDXL"):
         patched(NotAUnet())
+
+
+def test_the_hosts_per_layer_attention_choice_reaches_patched_layers(monkeypatch):
+    # Newer hosts give every attention module a backend choice (``comfy_attention``) and pass it as
+    # ``preferred_attention``; inside MasaCtrl layers and outside the window alike it must arrive.
+    import comfy.ldm.modules.attention as host_attention
+
+    model = tm.tiny_model("sd15", seed=3)
+    choice = object()
+    for attn in attn1_modules(model).values():
+        attn.comfy_attention = choice
+    seen = []
+    original = host_attention.optimized_attention
+
+    def spy(q, k, v, heads, **kwargs):
+        if k.shape[1] != 77:  # self-attention (cross-attention keys are the 77 prompt tokens)
+            seen.append(kwargs.get("preferred_attention"))
+        kwargs.pop("preferred_attention", None)  # v0.3.64's backends do not take it
+        return original(q, k, v, heads, **kwargs)
+
+    monkeypatch.setattr(host_attention, "optimized_attention", spy)
+    sample(patched(model, start_step=2, start_layer=0), steps=3)
+    # 16 layers: steps 0-1 outside the window (one call each), step 2 inside (source call + targets' call)
+    assert len(seen) == 16 * 2 + 16 * 2
+    assert all(p is choice for p in seen)
