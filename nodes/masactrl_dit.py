@@ -38,8 +38,20 @@ LAYER_KEY = "consistent_synthesis.masactrl_dit.layer"  # the patched block runni
 OVERRIDE = "optimized_attention_override"
 HOST_VERSION = "0.3.64"  # the first release these hooks were checked on (docs/compatibility.md)
 
-# Published block sets (execution-order numbering as above).
-STABLE_FLOW_FLUX_LAYERS = (0, 1, 2, 17, 18, 25, 28, 53, 54, 56)  # Stable Flow, FLUX.1-dev vital layers
+# Published block sets for FLUX.1-dev, numbered as above (both papers count the same way).
+# FreeFlux (Wei et al., 2025), non-rigid editing: its content-similarity-dependent layers, every step
+# of 50 (editing/non_rigid/non_rigid.ipynb of the official code).
+FREEFLUX_NON_RIGID_LAYERS = (0, 7, 8, 9, 10, 18, 25, 28, 37, 42, 45, 50, 56)
+# Stable Flow (Avrahami et al., CVPR 2025): the vital layers its code injects in (the paper also names 2).
+STABLE_FLOW_FLUX_LAYERS = (0, 1, 17, 18, 25, 28, 53, 54, 56)
+
+
+def published_layers(model_patcher) -> list[int] | None:
+    """FreeFlux's non-rigid block set for a FLUX.1-sized model (19 + 38 blocks), else None."""
+    diffusion_model = _diffusion_model(model_patcher)
+    if _kind(diffusion_model) == "flux" and len(block_keys(diffusion_model)) == 57:
+        return list(FREEFLUX_NON_RIGID_LAYERS)
+    return None
 
 
 def _error(input_name: str, message: str) -> ValueError:
@@ -83,8 +95,11 @@ def host_has_hooks() -> bool:
     """Whether the host's DiT blocks pass ``transformer_options`` on to an overridable attention."""
     def takes_options(fn):
         return "transformer_options" in inspect.signature(fn).parameters
-    return (hasattr(host_attention, "wrap_attn")
-            and takes_options(comfy.ldm.flux.layers.DoubleStreamBlock.forward)
+    try:
+        host_attention.wrap_attn  # the attention functions' wrapper that calls an override
+    except AttributeError:
+        return False
+    return (takes_options(comfy.ldm.flux.layers.DoubleStreamBlock.forward)
             and takes_options(comfy.ldm.flux.layers.SingleStreamBlock.forward)
             and takes_options(comfy.ldm.flux.math.attention)
             and takes_options(mmdit._block_mixing))

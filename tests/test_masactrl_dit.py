@@ -270,3 +270,9 @@ def test_no_host_sync_is_added(models, kind):
             sample(model, kind)
         return counter.total
     assert syncs(patched(models[kind], start_step=0, mode="union")) == syncs(models[kind])
+
+
+def test_freeflux_layers_are_offered_for_a_flux1_sized_model(models):
+    assert D.published_layers(models["flux"]) == [0, 7, 8, 9, 10, 18, 25, 28, 37, 42, 45, 50, 56]
+    assert D.published_layers(models["sd3"]) is None
+    assert max(D.STABLE_FLOW_FLUX_LAYERS) < D.block_count(models["flux"])
