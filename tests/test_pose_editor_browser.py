@@ -200,9 +200,6 @@ def test_the_editor_opens_on_the_image_and_pose_of_the_last_run(run_graph):
     shot = comfy.screenshot("pose-editor-open")
     print(f"screenshot: {shot}")
     assert shot.stat().st_size > 10_000
-    docs = copy_to_docs(shot, "pose-editor.png")
-    if docs:
-        print(f"docs screenshot: {docs}")
     comfy.assert_no_errors()
 
 
@@ -357,20 +354,43 @@ L_WRIST = 7
 
 
 def hand_points(wrist):
-    """21 points of a small hand hanging below ``wrist``: the hand's wrist 3 px under it, five fingers."""
-    wx, wy = wrist
-    points = [(wx, wy + 3)]
-    for finger in range(5):
-        points += [(wx + (finger - 2) * 5, wy + 9 + 5 * joint) for joint in range(4)]
+    """21 points of an open hand hanging below ``wrist``: the hand's wrist 3 px under it, then thumb,
+    index, middle, ring and little finger from base to tip, fanned out."""
+    import math
+
+    wx, wy = wrist[0], wrist[1] + 3
+    points = [(wx, wy)]
+    for finger, (angle, reach) in enumerate(((-55, 0.75), (-22, 1.0), (-5, 1.05), (12, 1.0), (30, 0.85))):
+        a = math.radians(90 + angle)
+        for joint_ in range(4):
+            r = reach * (7 + 5 * joint_)
+            points.append((round(wx + r * math.cos(a), 2), round(wy + r * math.sin(a), 2)))
     return points
 
 
-def face_points(nose, count):
-    """``count`` points on a ring of radius 14 around the nose, as a stand-in for a face's landmarks."""
+def face_points(nose):
+    """68 landmarks (DWPose's face, as in iBUG 300-W) around the nose: jaw 0-16, brows 17-26, nose 27-35,
+    eyes 36-47, mouth 48-67, for a face about 26 px wide."""
     import math
 
-    return [(round(nose[0] + 14 * math.cos(2 * math.pi * i / count), 2),
-             round(nose[1] + 14 * math.sin(2 * math.pi * i / count), 2)) for i in range(count)]
+    nx, ny = nose
+
+    def arc(cx, cy, rx, ry, start, stop, count):
+        return [(round(cx + rx * math.cos(math.radians(start + (stop - start) * i / (count - 1))), 2),
+                 round(cy + ry * math.sin(math.radians(start + (stop - start) * i / (count - 1))), 2))
+                for i in range(count)]
+
+    jaw = arc(nx, ny - 6, 13, 16, 180, 0, 17)  # from the face's right ear down round the chin (y points down)
+    brows = arc(nx - 6, ny - 9, 4.5, 1.5, 180, 360, 5) + arc(nx + 6, ny - 9, 4.5, 1.5, 180, 360, 5)
+    bridge = [(nx, ny - 6 + 1.5 * i) for i in range(4)]
+    nostrils = [(nx - 3 + 1.5 * i, ny + 1.5) for i in range(5)]
+    eyes = []
+    for cx in (nx - 6, nx + 6):
+        eyes += arc(cx, ny - 5.5, 2.5, 1.2, 180, 360, 4) + arc(cx, ny - 5.5, 2.5, 1.2, 60, 120, 2)[::-1]
+    mouth = arc(nx, ny + 6, 5, 2.2, 180, 540, 13)[:12] + arc(nx, ny + 6, 3, 1, 180, 540, 9)[:8]
+    points = [tuple(map(float, p)) for p in jaw + brows + bridge + nostrils + eyes + mouth]
+    assert len(points) == 68
+    return points
 
 
 def flat(points):
@@ -381,7 +401,7 @@ FULL_BODY = [p if p is not None else (112, 200) if i == L_KNEE else (112, 245) f
 BODY2 = [(x + SHIFT, y) for x, y in FULL_BODY]
 HAND2_LEFT = hand_points(BODY2[L_WRIST])
 HAND2_RIGHT = hand_points(BODY2[R_WRIST])
-FACE2 = face_points(BODY2[0], 68)  # a DWPose face
+FACE2 = face_points(BODY2[0])  # a DWPose face
 
 
 def two_people_keypoint() -> list[dict]:
@@ -462,7 +482,13 @@ def test_every_person_is_shown_and_selected_by_list_click_and_keyboard(two_peopl
     joint(comfy, "body", NECK, 1).click()  # a click on another person's point selects that person
     assert pressed_person(dialog) == "Person 2"
     assert "Person 2, neck" in dialog.locator(".cs-pose-selection").text_content()
-    print(f"\nscreenshot: {comfy.screenshot('pose-editor-two-people')}")
+    assert dialog.get_by_role("status").text_content() == "Editing person 2 of 2."
+    joint(comfy, "hand_left", 12, 1).click()  # the README's picture: person 2's middle fingertip selected
+    shot = comfy.screenshot("pose-editor-two-people")
+    print(f"\nscreenshot: {shot}")
+    docs = copy_to_docs(shot, "pose-editor.png")
+    if docs:
+        print(f"docs screenshot: {docs}")
     comfy.assert_no_errors()
 
 

@@ -327,9 +327,15 @@ export async function openPoseEditor({ app, title, editsWidget, run, onChange })
 
   function select(point, focus = false) {
     state.selected = point;
-    if (point) state.person = point.person;
+    if (point) switchTo(point.person);
     render();
     if (focus && point) svg?.querySelector(`[data-key="${pointKey(point.person, point.part, point.index)}"]`)?.focus();
+  }
+
+  function switchTo(p) {
+    if (p === state.person) return;
+    state.person = p;
+    say(`Editing person ${p + 1} of ${people()}.`);
   }
 
   /** Make person `p` the one being edited, with its first shown point selected and focused. */
@@ -438,13 +444,13 @@ export async function openPoseEditor({ app, title, editsWidget, run, onChange })
       const [x, y] = edited().frame.people[point.person][point.part][point.index];
       state.drag = { kind: "point", point, start, origin: [x, y], preview: null };
       state.selected = point;
-      state.person = point.person;
+      switchTo(point.person);
       target.focus({ preventScroll: true });
     } else {
       const person = +target.dataset.boneOf;
       const part = target.dataset.bonePart === "body" ? null : target.dataset.bonePart;
       state.drag = { kind: "person", person, part, start, preview: null };
-      state.person = person;
+      switchTo(person);
       state.selected = state.selected?.person === person && (!part || state.selected.part === part)
         ? state.selected : { person, part: part ?? "body", index: part ? 0 : 1 };
     }
