@@ -23,11 +23,11 @@ import pytest
 from consistent_synthesis.pose import openpose, render
 from test_pose_data import STANDING
 
-with warnings.catch_warnings():
+with warnings.catch_warnings():  # controlnet_aux (requirements.txt) warns about optional packages
     warnings.simplefilter("ignore")
-    aux_open_pose = pytest.importorskip("controlnet_aux.open_pose")
-    aux_dwpose = pytest.importorskip("controlnet_aux.dwpose")
-    pytest.importorskip("matplotlib")  # controlnet_aux's draw_handpose imports it
+    import controlnet_aux.dwpose as aux_dwpose
+    import controlnet_aux.open_pose as aux_open_pose
+    import matplotlib  # noqa: F401  (requirements-dev.txt) controlnet_aux's draw_handpose imports it
     from controlnet_aux.open_pose.body import BodyResult, Keypoint
 
 WIDTH, HEIGHT = 512, 1024  # shorter side 512 (the annotator's); x / W * W == x for quarter pixels
