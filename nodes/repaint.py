@@ -6,7 +6,6 @@ import logging
 
 import torch
 
-import comfy.model_sampling
 import comfy.sample
 import comfy.sampler_helpers
 import comfy.samplers
@@ -14,7 +13,8 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
-from ..samplers import repaint
+from ..samplers import repaint, step_clock
+from . import host_compat
 
 NO_MASK = ("the latent has no noise_mask, so RePaint has nothing to keep. Add one with Set Latent Noise "
            "Mask, VAE Encode (for Inpainting) or Pose Edit Outpaint (mask: 1 = generate, 0 = keep).")
@@ -34,12 +34,13 @@ class _KnownRegionDenoiser:
     """The model a k-diffusion sampler calls: the known region is a fresh draw from q(x_t | x_0)
     before every evaluation (paper Eq. 8), and the denoised known region is the known latent."""
 
-    def __init__(self, model_wrap, latent, sigmas, noise, flow, on_evaluation):
+    def __init__(self, model_wrap, latent, sigmas, noise, flow, noise_scale, on_evaluation):
         self.inner_model = model_wrap  # samplers read model.inner_model.inner_model.model_sampling
         self.latent = latent
         self.sigmas = sigmas
         self.noise = noise
         self.flow = flow
+        self.noise_scale = noise_scale
         self.on_evaluation = on_evaluation
 
     def __call__(self, x, sigma, denoise_mask=None, model_options={}, seed=None):
@@ -48,7 +49,7 @@ class _KnownRegionDenoiser:
             mask = model_options["denoise_mask_function"](
                 sigma, mask, extra_options={"model": self.inner_model, "sigmas": self.sigmas})
         s = sigma.reshape(sigma.shape[:1] + (1,) * (x.ndim - 1))
-        x = repaint.blend_known(x, self.latent, mask, s, self.noise(), self.flow)
+        x = repaint.blend_known(x, self.latent, mask, s, self.noise(), self.flow, self.noise_scale)
         out = self.inner_model(x, sigma, model_options=model_options, seed=seed)
         out = out * mask + self.latent * (1.0 - mask)
         self.on_evaluation(out, x)
@@ -60,7 +61,12 @@ class RePaint(comfy.samplers.Sampler):
 
     ``renoise="fixed"`` re-blends the known region with the run's initial noise instead of fresh
     noise, as ComfyUI's masked sampling does (for comparisons and tests).
+
+    It runs its own loop over the run's noise levels, so it tells the run's step clock
+    (samplers/step_clock.py) which level each evaluation belongs to, with no device read.
     """
+
+    drives_step_clock = True
 
     def __init__(self, inner, jump_length: int = 10, jump_n_sample: int = 10, resample_start: float = 0.0,
                  resample_end: float = 1.0, renoise: str = "fresh", node: str = "RePaintSampler"):
@@ -85,7 +91,12 @@ class RePaint(comfy.samplers.Sampler):
         if denoise_mask is None:
             raise ValueError(f"{self.node}: input 'latent_image': {NO_MASK}")
         model_sampling = model_wrap.inner_model.model_sampling
-        flow = isinstance(model_sampling, comfy.model_sampling.CONST)
+        try:
+            flow, noise_scale = repaint.forward_process(model_sampling.noise_scaling)
+        except ValueError as e:
+            raise ValueError(f"{self.node}: input 'model': RePaint re-noises the known region the way the model's "
+                             f"sampling type ({type(model_sampling).__name__}) noises a latent, but {e}. Use a "
+                             "text-to-image model (SD1.x, SD2.x, SDXL, SD3, Flux, ...).") from None
         steps = len(sigmas) - 1
         schedule = self.schedule(steps)
         denoise_steps = repaint.model_steps(schedule)
@@ -99,7 +110,11 @@ class RePaint(comfy.samplers.Sampler):
             generator = torch.Generator(device="cpu").manual_seed((seed + 1) % 2**64)
 
             def fresh_noise():
-                return torch.randn(noise.shape, generator=generator, dtype=torch.float32).to(noise)
+                # drawn on the CPU (the same numbers on every device), copied without waiting for the device
+                draw = torch.randn(noise.shape, generator=generator, dtype=torch.float32)
+                if noise.device.type == "cuda":
+                    return draw.pin_memory().to(noise.device, noise.dtype, non_blocking=True)
+                return draw.to(noise)
 
         counter = {"evaluations": 0, "steps_done": 0, "evaluations_done": 0}
 
@@ -113,22 +128,34 @@ class RePaint(comfy.samplers.Sampler):
                 total = max(round(denoise_steps * per_step), evals)
                 callback(evals - 1, denoised, x, total)
 
-        denoiser = _KnownRegionDenoiser(model_wrap, latent_image, sigmas, fresh_noise, flow, on_evaluation)
+        denoiser = _KnownRegionDenoiser(model_wrap, latent_image, sigmas, fresh_noise, flow, noise_scale,
+                                        on_evaluation)
         inner = self.inner
+        clock = extra_args.get("model_options", {}).get("transformer_options", {}).get(step_clock.KEY)
+        if clock is not None and not step_clock.callback_aligned(inner):
+            clock.by_sigma = True  # the inner sampler's callbacks do not mark its steps
+        runs = repaint.segments(schedule)
 
         def denoise_segment(x, segment_sigmas, number):
             # ancestral and SDE samplers seed their noise from extra_args: a new stream per segment
             args = dict(extra_args, seed=seed + number) if number else extra_args
-            x = inner.sampler_function(denoiser, x, segment_sigmas, extra_args=args, callback=None,
+            step_callback = None
+            if clock is not None and not clock.by_sigma:
+                begin = runs[number][0]
+                clock.step = begin  # the segment's iteration i evaluates at level begin + i
+
+                def step_callback(info):
+                    clock.step = begin + info["i"] + 1
+            x = inner.sampler_function(denoiser, x, segment_sigmas, extra_args=args, callback=step_callback,
                                        disable=True, **inner.extra_options)
             counter["steps_done"] += len(segment_sigmas) - 1
             counter["evaluations_done"] = counter["evaluations"]
             return x
 
         x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
-        x = repaint.repaint(denoise_segment, x, sigmas, schedule, fresh_noise, flow)
+        x = repaint.repaint(denoise_segment, x, sigmas, schedule, fresh_noise, flow, noise_scale)
         # the known region at the last level, exact (the latent itself when the run ends at sigma 0)
-        x = repaint.blend_known(x, latent_image, denoise_mask, sigmas[-1], fresh_noise(), flow)
+        x = repaint.blend_known(x, latent_image, denoise_mask, sigmas[-1], fresh_noise(), flow, noise_scale)
         logging.info("%s: %d model evaluations for %d steps (jump_length %d, jump_n_sample %d).", self.node,
                      counter["evaluations"], steps, self.jump_length, self.jump_n_sample)
         return model_sampling.inverse_noise_scaling(sigmas[-1], x)
@@ -176,7 +203,7 @@ def repaint_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive,
     if "noise_mask" not in latent_image:
         raise ValueError(f"{node}: input 'latent_image': {NO_MASK}")
     original = latent_image["samples"]
-    latent = comfy.sample.fix_empty_latent_channels(model, original)
+    latent = host_compat.fix_empty_latent_channels(model, latent_image)
     noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
     sampler = RePaint(comfy.samplers.sampler_object(sampler_name), jump_length, jump_n_sample, resample_start,
                       resample_end, renoise, node)
@@ -192,9 +219,7 @@ def repaint_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive,
     if samples.shape == original.shape:
         keep = comfy.sampler_helpers.prepare_mask(mask, samples.shape, samples.device)
         samples = samples * keep + original.to(samples) * (1.0 - keep)  # VAE-space rounding undone
-    out = latent_image.copy()
-    out["samples"] = samples
-    return out
+    return host_compat.sampled_latent(latent_image, samples)
 
 
 class RePaintKSampler(io.ComfyNode):

@@ -13,6 +13,7 @@ The host must be importable (``runner.host.activate``) before these functions ar
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -108,7 +109,21 @@ def checkpoint_layout(kind: str) -> dict[str, torch.Tensor]:
         model = model_config.get_model({}, device="meta")
         clip = model_config.clip_target().clip(device="meta", dtype=torch.float16)
         vae = AutoencoderKL(ddconfig=dict(_VAE_CONFIG), embed_dim=4)
-    return model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+    return state_dict_for_saving(model, clip.state_dict(), vae.state_dict())
+
+
+def state_dict_for_saving(model, clip_state_dict: dict, vae_state_dict: dict) -> dict[str, torch.Tensor]:
+    """``BaseModel.state_dict_for_saving`` under both of its signatures.
+
+    Up to ComfyUI 0.3.x it reads the UNet weights itself: ``(clip_state_dict=None, vae_state_dict=None,
+    ...)``; newer hosts take them first: ``(unet_state_dict, clip_state_dict=None, ...)``, so a
+    positional call would hand them the text encoder as the UNet and save a broken checkpoint.
+    """
+    parameters = inspect.signature(model.state_dict_for_saving).parameters
+    extra = {"clip_state_dict": clip_state_dict, "vae_state_dict": vae_state_dict}
+    if "unet_state_dict" in parameters:
+        return model.state_dict_for_saving(unet_state_dict=model.diffusion_model.state_dict(), **extra)
+    return model.state_dict_for_saving(**extra)
 
 
 def controlnet_layout() -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """Start the host's ``main.py`` on a free loopback port, with this pack installed in a scratch folder.
 
-The scratch ``--base-directory`` holds a ``custom_nodes`` folder that links this pack (only this
-pack is loaded, so the start is quick and other packs cannot interfere), an ``input`` folder with
+The scratch ``--base-directory`` holds a ``custom_nodes`` folder with a copy of this pack (hard
+links where the file system allows; not a symlink, which newer hosts refuse under a custom-node
+policy; only this pack is loaded, so the start is quick and other packs cannot interfere), an
+``input`` folder with
 the images in ``workflows/input/`` (what shipped workflows load), and the server finds
 models through an extra model paths YAML: the host's own ``models`` folders, then, for a smoke run,
 the random-weight cache.
@@ -9,6 +11,7 @@ the random-weight cache.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,6 +28,10 @@ from pathlib import Path
 from .host import REPO
 
 PACK_FOLDER = "comfyui-consistent-synthesis"
+
+# What a pack install does not need (and a host that digests packs refuses: bytecode, symlinks).
+_NOT_INSTALLED = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", "*.pyo", ".pytest_cache", ".venv",
+                                        "test-artifacts", "node_modules", ".gpu-host", ".whl")
 
 
 def free_port() -> int:
@@ -47,6 +54,43 @@ def models_yaml(path: Path, host: Path, extra_roots: list[Path] = ()) -> Path:
     return path
 
 
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+    return dst
+
+
+def install_pack(repo: Path, custom_nodes: Path) -> Path:
+    """Put this pack into ``custom_nodes`` as a real folder (a fresh copy; files hard-linked where possible).
+
+    A symlink would do for older hosts, but newer ones refuse a pack that is, or contains, a
+    symlink (or bytecode) when a custom-node policy is active, so a test on a symlink would not
+    show what users get.
+    """
+    target = custom_nodes / PACK_FOLDER
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(repo, target, ignore=_NOT_INSTALLED, copy_function=_link_or_copy,
+                    ignore_dangling_symlinks=True)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def host_options(main_py: str) -> frozenset[str]:
+    """The command-line options the host's ``main.py --help`` lists (asked once per host and process)."""
+    try:
+        done = subprocess.run([sys.executable, main_py, "--help"], cwd=os.path.dirname(main_py),
+                              capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        logging.warning("Could not list ComfyUI's options (%s); starting it with the common ones only.", e)
+        return frozenset()
+    return frozenset(word.strip("[],") for word in done.stdout.split() if word.startswith(("--", "[--")))
+
+
 class LocalServer:
     """``main.py`` on 127.0.0.1:<free port>, ``--cpu`` where torch sees no GPU; a context manager."""
 
@@ -60,9 +104,7 @@ class LocalServer:
         self.base = base
         for sub in ("custom_nodes", "models", "input", "output", "temp", "user"):
             (base / sub).mkdir(parents=True, exist_ok=True)
-        link = base / "custom_nodes" / PACK_FOLDER
-        if not link.exists():
-            link.symlink_to(repo, target_is_directory=True)
+        self.pack = install_pack(repo, base / "custom_nodes")
         for image in sorted((repo / "workflows" / "input").glob("*")):  # images the shipped workflows load
             if image.is_file() and not (base / "input" / image.name).exists():
                 shutil.copy2(image, base / "input" / image.name)
@@ -80,9 +122,12 @@ class LocalServer:
         self.start_seconds: float | None = None
 
     def command(self) -> list[str]:
-        return [sys.executable, str(self.host / "main.py"), "--listen", "127.0.0.1", "--port", str(self.port),
+        main = str(self.host / "main.py")
+        # newer hosts exit at start-up when the assets system's packages are missing, unless told not to use it
+        assets = ["--disable-assets"] if "--disable-assets" in host_options(main) else []
+        return [sys.executable, main, "--listen", "127.0.0.1", "--port", str(self.port),
                 "--base-directory", str(self.base), "--extra-model-paths-config", str(self.yaml),
-                "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--log-stdout",
+                "--disable-auto-launch", "--database-url", "sqlite:///:memory:", "--log-stdout", *assets,
                 *(["--cpu"] if self.cpu else []), *self.extra_args]
 
     def start(self, timeout: float = 300.0) -> "LocalServer":

@@ -1,9 +1,12 @@
 """RePaint resampling (Lugmayr et al., CVPR 2022) over a sigma schedule, with no ComfyUI import.
 
-Noise levels are sigmas in sampler space: ``x = x0 + sigma * eps`` for EPS and V-prediction
-models, ``x = (1 - sigma) * x0 + sigma * eps`` for flow (CONST) models. A run's schedule is the
-list of sigma indices the sampler visits, from 0 (``sigmas[0]``, the noisiest) to ``steps``
-(``sigmas[-1]``). Mask convention as ComfyUI: 1 = generate, 0 = known.
+Noise levels are sigmas in sampler space: ``x = x0 + sigma * s * eps`` for EPS and V-prediction
+models, ``x = (1 - sigma) * x0 + sigma * s * eps`` for flow models, where ``s`` is the model's noise
+scale (1 for all but a few newer flow models; ComfyUI's ``noise_scaling`` applies the same one).
+``forward_process`` reads which of the two a model is, and its ``s``, off the host's own
+``noise_scaling``. A run's schedule is the list of sigma indices the sampler visits, from 0
+(``sigmas[0]``, the noisiest) to ``steps`` (``sigmas[-1]``). Mask convention as ComfyUI:
+1 = generate, 0 = known.
 """
 
 from __future__ import annotations
@@ -59,19 +62,53 @@ def segments(schedule: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def noised_known(x0: torch.Tensor, sigma, noise: torch.Tensor, flow: bool) -> torch.Tensor:
-    """A draw from q(x_sigma | x0) given standard normal ``noise`` (paper Eq. 8, known region)."""
+def forward_process(noise_scaling: Callable, probe: tuple[float, float] = (0.25, 0.5)) -> tuple[bool, float]:
+    """``(flow, noise_scale)`` of the marginal ``q(x_sigma | x0) = N(alpha x0, (sigma s)^2)`` that
+    ``noise_scaling(sigma, noise, x0)`` (ComfyUI's ``model_sampling.noise_scaling``) draws from.
+
+    Read off the function itself at two sigmas, so the answer follows the model's actual
+    parameterisation (its class hierarchy can mislead: newer image-to-image model types subclass
+    the flow type but do not add noise at all) and its noise scale. ``alpha = 1`` is the EPS/V
+    family, ``alpha = 1 - sigma`` the flow family; anything else raises ``ValueError``.
+    """
+    sigma = torch.tensor(probe, dtype=torch.float64)
+    zeros, ones = torch.zeros_like(sigma), torch.ones_like(sigma)
+    alpha = noise_scaling(sigma.clone(), zeros.clone(), ones.clone()).tolist()
+    beta = noise_scaling(sigma.clone(), ones.clone(), zeros.clone()).tolist()
+    scales = [b / p for b, p in zip(beta, probe)]
+    noise_scale = scales[0]
+
+    def close(a, b):
+        return abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+    described = ", ".join(f"x = {a:.4g}*x0 + {b:.4g}*eps at sigma {p}" for a, b, p in zip(alpha, beta, probe))
+    if not (noise_scale > 0 and close(scales[1], noise_scale)):
+        raise ValueError(f"its noising adds no noise proportional to sigma ({described})")
+    if all(close(a, 1.0) for a in alpha):
+        return False, noise_scale
+    if all(close(a, 1.0 - p) for a, p in zip(alpha, probe)):
+        return True, noise_scale
+    raise ValueError(f"its noising is neither x0 + sigma*eps nor (1 - sigma)*x0 + sigma*eps ({described})")
+
+
+def noised_known(x0: torch.Tensor, sigma, noise: torch.Tensor, flow: bool, noise_scale: float = 1.0) -> torch.Tensor:
+    """A draw from q(x_sigma | x0) given standard normal ``noise`` (paper Eq. 8, known region),
+    computed as ComfyUI's ``noise_scaling`` computes it (so equal noise gives equal bits)."""
+    if noise_scale != 1.0:
+        noise = noise_scale * noise
     if flow:
         return (1.0 - sigma) * x0 + sigma * noise
     return x0 + sigma * noise
 
 
-def forward_transition(x: torch.Tensor, sigma_from, sigma_to, noise: torch.Tensor, flow: bool) -> torch.Tensor:
+def forward_transition(x: torch.Tensor, sigma_from: float, sigma_to: float, noise: torch.Tensor, flow: bool,
+                       noise_scale: float = 1.0) -> torch.Tensor:
     """A draw from q(x_{sigma_to} | x_{sigma_from}) for ``sigma_to >= sigma_from``: the jump back.
 
-    EPS/V: add independent noise of variance ``sigma_to^2 - sigma_from^2``. Flow: scale by
+    EPS/V: add independent noise of variance ``s^2 (sigma_to^2 - sigma_from^2)``. Flow: scale by
     ``a = (1 - sigma_to) / (1 - sigma_from)`` and add noise of variance
-    ``sigma_to^2 - a^2 sigma_from^2``; both keep ``x = mean(x0) + sigma_to * eps`` exact.
+    ``s^2 (sigma_to^2 - a^2 sigma_from^2)``; both keep ``x = mean(x0) + sigma_to * s * eps`` exact.
+    The sigmas are host numbers (Python floats), so a jump reads nothing back from the device.
     """
     sigma_from, sigma_to = float(sigma_from), float(sigma_to)
     if sigma_to < sigma_from:
@@ -80,28 +117,31 @@ def forward_transition(x: torch.Tensor, sigma_from, sigma_to, noise: torch.Tenso
         if sigma_from >= 1.0:
             raise ValueError("a flow model has no forward transition from sigma 1 (pure noise)")
         a = (1.0 - sigma_to) / (1.0 - sigma_from)
-        return a * x + max(sigma_to ** 2 - (a * sigma_from) ** 2, 0.0) ** 0.5 * noise
-    return x + max(sigma_to ** 2 - sigma_from ** 2, 0.0) ** 0.5 * noise
+        return a * x + noise_scale * max(sigma_to ** 2 - (a * sigma_from) ** 2, 0.0) ** 0.5 * noise
+    return x + noise_scale * max(sigma_to ** 2 - sigma_from ** 2, 0.0) ** 0.5 * noise
 
 
 def blend_known(x: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, sigma, noise: torch.Tensor,
-                flow: bool) -> torch.Tensor:
+                flow: bool, noise_scale: float = 1.0) -> torch.Tensor:
     """``x`` where the mask is 1, a fresh draw of the known latent at ``sigma`` where it is 0 (Eq. 8)."""
-    return x * mask + noised_known(x0, sigma, noise, flow) * (1.0 - mask)
+    return x * mask + noised_known(x0, sigma, noise, flow, noise_scale) * (1.0 - mask)
 
 
 def repaint(denoise: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], x: torch.Tensor,
-            sigmas: torch.Tensor, schedule: list[int], noise: NoiseFn, flow: bool) -> torch.Tensor:
+            sigmas: torch.Tensor, schedule: list[int], noise: NoiseFn, flow: bool,
+            noise_scale: float = 1.0) -> torch.Tensor:
     """Run ``schedule`` from ``x`` at ``sigmas[schedule[0]]`` down to ``sigmas[schedule[-1]]``.
 
     ``denoise(x, segment_sigmas, segment_number)`` runs the inner sampler down a descending
-    segment (it re-draws the known region before every model call, see ``blend_known``);
-    each jump back is one exact forward transition with fresh ``noise()`` (composing the unit
-    moves of the schedule, a Markov chain of Gaussians, gives the same distribution).
+    segment (``segments(schedule)[segment_number]``; it re-draws the known region before every
+    model call, see ``blend_known``); each jump back is one exact forward transition with fresh
+    ``noise()`` (composing the unit moves of the schedule, a Markov chain of Gaussians, gives the
+    same distribution). The sigmas are copied to the host once per run for the jumps.
     """
+    levels = sigmas.tolist()
     for number, (begin, stop) in enumerate(segments(schedule)):
         if stop > begin:
             x = denoise(x, sigmas[begin:stop + 1], number)
         else:
-            x = forward_transition(x, sigmas[begin], sigmas[stop], noise(), flow)
+            x = forward_transition(x, levels[begin], levels[stop], noise(), flow, noise_scale)
     return x

@@ -10,7 +10,7 @@ from consistent_synthesis.runner.server import LocalServer
 
 
 class ComfyServer(LocalServer):
-    """``main.py`` (``--cpu`` without a GPU) in a scratch folder that links the pack in."""
+    """``main.py`` (``--cpu`` without a GPU) in a scratch folder with a copy of the pack."""
 
     def get(self, path: str, timeout: float = 30.0):
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
