@@ -12,6 +12,7 @@ from comfy_api.latest import io
 
 from ..attention import masactrl
 from ..samplers import step_clock
+from . import masactrl_dit
 from . import step_clock as clock_nodes
 from .unet_layers import LayerKey, attn1_module, self_attention_layers
 
@@ -272,11 +273,20 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = 10, end_step: 
     attention inside MasaCtrl layers (benchmarks compare it with the official code's
     materialized attention matrix).
     """
+    if masactrl_dit.is_dit(model):
+        if source_mask is not None or target_mask is not None or auto_mask:
+            raise _error("source_mask" if source_mask is not None else "auto_mask",
+                         "mask-guided MasaCtrl is built for UNets (SD1.x, SD2.x, SDXL); on Flux and SD3 "
+                         "disconnect the masks and turn auto_mask off.")
+        if attention is not None:
+            raise ValueError("patch_model: an attention override is for UNet layers only")
+        return masactrl_dit.patch_dit_model(model, start_step=start_step, start_layer=start_layer, end_step=end_step,
+                                            end_layer=end_layer, layers=layers, mode=mode, source_index=source_index)
     all_layers: list[LayerKey] = self_attention_layers(model.get_model_object("diffusion_model"))
     count = len(all_layers)
     if count == 0:
-        raise _error("model", "this model has no UNet transformer blocks; MasaCtrl supports SD1.x, SD2.x "
-                     "and SDXL UNets.")
+        raise _error("model", "this model has neither UNet transformer blocks nor MM-DiT blocks; MasaCtrl "
+                     "supports SD1.x, SD2.x and SDXL UNets, Flux and SD3.")
     if start_layer > count:
         raise _error("start_layer", f"{start_layer} is past this model's {count} self-attention layers; "
                      f"use 0 to {count - 1} (SD1.x/2.x have 16, SDXL 70).")

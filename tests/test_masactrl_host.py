@@ -339,7 +339,7 @@ def test_non_unet_model_is_rejected():
             return torch.nn.Linear(2, 2)
 
     with pytest.raises(ValueError, match="model.*SDXL"):
-        patched(NotAUnet())
+        node.patch_model(NotAUnet())
 
 
 def test_the_hosts_per_layer_attention_choice_reaches_patched_layers(monkeypatch):
@@ -365,3 +365,20 @@ def test_the_hosts_per_layer_attention_choice_reaches_patched_layers(monkeypatch
     # 16 layers: steps 0-1 outside the window (one call each), step 2 inside (source call + targets' call)
     assert len(seen) == 16 * 2 + 16 * 2
     assert all(p is choice for p in seen)
+
+
+def test_the_node_patches_flux_and_sd3_through_their_blocks():
+    import tiny_dit_models as td
+
+    from consistent_synthesis.nodes import masactrl_dit
+
+    for kind in ("flux", "sd3"):
+        model = td.tiny_dit(kind)
+        out = MasaCtrlAttentionPatch.execute(model, start_step=1, start_layer=0, end_step=-1, end_layer=-1,
+                                             mode="mutual", source_index=0, layers="0, 2").result[0]
+        replaced = out.model_options["transformer_options"]["patches_replace"]["dit"]
+        keys = masactrl_dit.block_keys(model.get_model_object("diffusion_model"))
+        assert set(replaced) == {keys[0], keys[2]}, kind
+        with pytest.raises(ValueError, match="auto_mask"):
+            MasaCtrlAttentionPatch.execute(model, start_step=1, start_layer=0, end_step=-1, end_layer=-1,
+                                           mode="mutual", source_index=0, auto_mask=True)
