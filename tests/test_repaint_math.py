@@ -159,3 +159,28 @@ def test_repaint_loop_denoises_segments_and_jumps_with_fresh_noise():
     # jumps added exactly sqrt(s_to^2 - s_from^2) of the unit noise each
     expected = sum((sigmas[b] ** 2 - sigmas[a] ** 2).sqrt() for a, b in R.segments(schedule) if b < a)
     torch.testing.assert_close(out, expected.reshape(1))
+
+
+@pytest.mark.parametrize("flow", [False, True])
+def test_a_noise_scale_scales_the_known_draw_and_the_jump_back_so_the_marginal_stays_exact(flow):
+    """With noise scale s the marginal is N(alpha x0, (s sigma)^2): the draw and the jump both use s."""
+    gen = torch.Generator().manual_seed(2)
+    n, s = 200_000, 0.35
+    sigma_from, sigma_to = (0.2, 0.7) if flow else (0.5, 4.0)
+    x0 = torch.tensor([0.7, -2.0])
+    x_mid = R.noised_known(x0.expand(n, 2), sigma_from, torch.randn(n, 2, generator=gen), flow, s)
+    _, var = _moments(x_mid)
+    torch.testing.assert_close(var, torch.full((2,), (s * sigma_from) ** 2), rtol=0.03, atol=0)
+    out = R.forward_transition(x_mid, sigma_from, sigma_to, torch.randn(n, 2, generator=gen), flow, s)
+    mean, var = _moments(out)
+    torch.testing.assert_close(mean, (1 - sigma_to if flow else 1.0) * x0, atol=0.03 * s * sigma_to, rtol=0)
+    torch.testing.assert_close(var, torch.full((2,), (s * sigma_to) ** 2), rtol=0.03, atol=0)
+
+
+def test_forward_process_reads_the_family_and_the_noise_scale_off_a_noising_function():
+    assert R.forward_process(lambda sigma, noise, x0: x0 + sigma * noise) == (False, 1.0)
+    assert R.forward_process(lambda sigma, noise, x0: sigma * (0.5 * noise) + (1 - sigma) * x0) == (True, 0.5)
+    with pytest.raises(ValueError, match="adds no noise"):
+        R.forward_process(lambda sigma, noise, x0: x0)
+    with pytest.raises(ValueError, match="neither"):
+        R.forward_process(lambda sigma, noise, x0: 2 * x0 + sigma * noise)
