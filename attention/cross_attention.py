@@ -1,0 +1,118 @@
+"""Cross-attention maps: where each prompt token lands in the image.
+
+A UNet's cross-attention (attn2) lets every image position ``i`` (a query) attend over the
+prompt's tokens ``j`` (the keys): ``A[i, j] = softmax_j(q_i . k_j / sqrt(d))``, one distribution
+over the prompt per position and head. Averaged over heads, ``A[:, j]`` is token ``j``'s map.
+
+The aggregation is that of the official MasaCtrl code (TencentARC/MasaCtrl,
+``MutualSelfAttentionControlMaskAuto.aggregate_cross_attn_map``):
+
+1. keep the head-averaged maps of the layers at one resolution (the official code keeps the
+   16 x 16 maps at 512 px, i.e. latent/4; the pack uses latent/4 for every model),
+2. average them over those layers,
+3. sum the chosen tokens' maps,
+4. min-max normalise each image's map to 0-1.
+
+Pure torch; the ComfyUI side (which layers, which resolution, recording) is in
+``nodes/cross_attention_maps.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# At most this many float32 scores (batch x heads x queries x tokens) are held at once.
+_SCORE_BUDGET = 1 << 26
+
+
+def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Head-averaged cross-attention probabilities, ``(b, n, m)`` in float32.
+
+    ``q`` is ``(b, n, heads * d)`` (image positions) and ``k`` is ``(b, m, heads * d)`` (prompt
+    tokens), as an attn2 replacement receives them. Each row ``[b, i, :]`` is a probability
+    distribution over the ``m`` prompt tokens. Heads are processed in chunks so at most
+    ``_SCORE_BUDGET`` scores exist at once; no ``n x n`` matrix is ever formed.
+    """
+    b, n, inner = q.shape
+    m = k.shape[1]
+    d = inner // heads
+    scale = d ** -0.5
+    qh = q.reshape(b, n, heads, d).float()
+    kh = k.reshape(k.shape[0], m, heads, d).float()
+    chunk = max(1, min(heads, _SCORE_BUDGET // max(1, b * n * m)))
+    total = None
+    for start in range(0, heads, chunk):
+        sim = torch.einsum("bnhd,bmhd->bhnm", qh[:, :, start:start + chunk], kh[:, :, start:start + chunk]) * scale
+        part = sim.softmax(dim=-1).sum(dim=1)
+        total = part if total is None else total + part
+    return total / heads
+
+
+def token_map(maps: list[torch.Tensor], selection: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The chosen tokens' map of each image, ``(b, height, width)``, min-max normalised to 0-1.
+
+    ``maps``: the head-averaged maps ``(b, n, m)`` of the layers at one resolution, ``n ==
+    height * width``. ``selection``: ``(b, m)``, 1 for the tokens chosen in that row, 0 elsewhere
+    (each row may choose other tokens: a source prompt and a target prompt).
+
+    Where an image's summed map is constant (max == min), nothing stands out: the result is 0
+    everywhere. The official code divides 0 by 0 there and gets NaN, which its threshold
+    (``> thres``) also reads as background; everywhere else the values are the official ones.
+    """
+    mean = torch.stack(maps, dim=1).mean(dim=1)  # 2. average over layers, (b, n, m)
+    b, n, m = mean.shape
+    if n != height * width:
+        raise ValueError(f"the maps have {n} positions, not {height} x {width} = {height * width}")
+    if tuple(selection.shape) != (b, m):
+        raise ValueError(f"selection has shape {tuple(selection.shape)}, expected ({b}, {m})")
+    # 3. sum of the chosen tokens (products by exact 0/1 and sums with exact zeros: the sum
+    # of the chosen entries, without a matmul that could run in reduced precision)
+    image = (mean * selection.to(mean)[:, None, :]).sum(dim=-1).reshape(b, height, width)
+    # 4. min-max per image; a constant image gives (image - lo) == 0, divided by 1 instead of 0
+    lo = image.amin(dim=(1, 2), keepdim=True)
+    hi = image.amax(dim=(1, 2), keepdim=True)
+    span = hi - lo
+    return (image - lo) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+def selection(indices_per_row: list[list[int]], m: int, device=None) -> torch.Tensor:
+    """A ``(len(indices_per_row), m)`` float32 0/1 matrix: 1 at each row's token indices.
+
+    Built from Python values in one tensor constructor (no indexing with host-made index
+    tensors). Indices must be in ``0..m-1``; check user input with ``check_token_indices``
+    first to get an error that names the input.
+    """
+    rows = []
+    for indices in indices_per_row:
+        chosen = set(indices)
+        bad = [i for i in chosen if not 0 <= i < m]
+        if bad:
+            raise ValueError(f"token indices {sorted(bad)} are outside 0..{m - 1}")
+        rows.append([1.0 if j in chosen else 0.0 for j in range(m)])
+    return torch.tensor(rows, dtype=torch.float32, device=device).reshape(len(rows), m)
+
+
+def parse_token_indices(text: str, node: str, input_name: str) -> list[int]:
+    """``"1, 2,5"`` -> ``[1, 2, 5]``; anything but comma-separated non-negative integers is an error."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise ValueError(f"{node}: input '{input_name}': no token index given; write comma-separated "
+                         f"token indices such as '1' or '1, 2' (index 0 is the prompt's start token).")
+    indices = []
+    for part in parts:
+        if not part:
+            continue
+        if not part.isdigit() or not part.isascii():
+            raise ValueError(f"{node}: input '{input_name}': '{part}' is not a token index; write "
+                             f"comma-separated non-negative integers such as '1, 2' (a PromptTokenIndices "
+                             f"node turns words into them).")
+        indices.append(int(part))
+    return indices
+
+
+def check_token_indices(indices: list[int], prompt_length: int, node: str, input_name: str) -> None:
+    """Every index must point into the prompt: ``0 <= i < prompt_length``."""
+    bad = [i for i in indices if not 0 <= i < prompt_length]
+    if bad:
+        raise ValueError(f"{node}: input '{input_name}': token indices {bad} are past the prompt, which has "
+                         f"{prompt_length} tokens (valid indices 0 to {prompt_length - 1}).")

@@ -1,0 +1,80 @@
+"""Recording cross-attention maps from a ComfyUI UNet through attn2 replacements.
+
+The maps are kept at one resolution for every model, latent/4 (the official MasaCtrl code's
+16 x 16 at 512 px on SD1.5; 32 x 32 on SDXL at 1024 px, where the official code finds no
+16 x 16 layer). The recorder never changes what a cross-attention layer returns.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+import comfy.ldm.modules.attention as host_attention
+
+from ..attention.cross_attention import token_attention
+from .unet_layers import LayerKey, _groups, self_attention_layers
+
+OnMaps = Callable[[torch.Tensor, dict], None]
+
+
+def map_resolution(extra_options: dict) -> tuple[int, int]:
+    """The ``(h, w)`` of the latent/4 maps for this UNet call.
+
+    From ``extra_options["original_shape"]`` (the latent, ``(b, c, h, w)``): each of the UNet's
+    stride-2 downsamplings (3 x 3 convolution, padding 1) maps a side ``s`` to ``ceil(s / 2)``,
+    so two of them give ``ceil(s / 4)``.
+    """
+    h, w = extra_options["original_shape"][-2:]
+    return -(-h // 4), -(-w // 4)
+
+
+def cross_attention_layers(diffusion_model) -> list[LayerKey]:
+    """The ``(block_name, block_id, transformer_index)`` keys of every transformer block; the
+    blocks that hold attn1 hold attn2, so these are ``self_attention_layers``' keys."""
+    return self_attention_layers(diffusion_model)
+
+
+def attn2_module(diffusion_model, key: LayerKey):
+    """The cross-attention module of layer ``key`` (from ``cross_attention_layers``)."""
+    name, block_id, index = key
+    blocks = dict(_groups(diffusion_model))[name]
+    for module in blocks[block_id]:
+        transformer_blocks = getattr(module, "transformer_blocks", None)
+        if transformer_blocks is not None:
+            return transformer_blocks[index].attn2
+    raise KeyError(key)
+
+
+class _RecordingAttn2:
+    """attn2 replacement: hands the latent/4 layers' token maps to ``on_maps``, returns the
+    layer's own output (the earlier replacement's, or the host's attention)."""
+
+    def __init__(self, on_maps: OnMaps, previous=None, preferred=None):
+        self.on_maps = on_maps
+        self.previous = previous
+        self.preferred = preferred  # newer hosts' per-layer attention backend choice
+
+    def __deepcopy__(self, memo):
+        return self  # ModelPatcher.clone deep-copies model_options; the closure is immutable
+
+    def __call__(self, q, k, v, extra_options):
+        if list(extra_options["activations_shape"][-2:]) == list(map_resolution(extra_options)):
+            self.on_maps(token_attention(q, k, extra_options["n_heads"]), extra_options)
+        if self.previous is not None:
+            return self.previous(q, k, v, extra_options)
+        kwargs = dict(attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
+        if self.preferred is not None:
+            kwargs["preferred_attention"] = self.preferred
+        return host_attention.optimized_attention(q, k, v, extra_options["n_heads"], **kwargs)
+
+
+def recording_attn2(on_maps: OnMaps, previous=None, preferred=None) -> _RecordingAttn2:
+    """An attn2 replacement for ``ModelPatcher.set_model_attn2_replace`` that calls
+    ``on_maps(token_attention(q, k, heads), extra_options)`` in the latent/4 layers.
+
+    ``previous``: the replacement already set for that layer, if any (chained, so the output is
+    whatever it returns). ``preferred``: the module's ``comfy_attention`` on hosts that have it.
+    """
+    return _RecordingAttn2(on_maps, previous, preferred)
