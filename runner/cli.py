@@ -17,7 +17,8 @@ SMOKE_WIDTH, SMOKE_HEIGHT, SMOKE_STEPS = 128, 128, 2
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m runner",
-        description="Post an API-format workflow to ComfyUI, follow it, and save its images.")
+        description="Post an API-format workflow to ComfyUI, follow it, and save its images.",
+        epilog="A grid of runs over input values, on one or more servers: python -m runner sweep --help")
     p.add_argument("workflow", help="an API-format JSON, or a shipped workflow's name (e.g. masactrl_sd15)")
     p.add_argument("--server", metavar="URL", help="a running ComfyUI (e.g. http://127.0.0.1:8188); "
                    "without it the host's main.py is started on a free loopback port")
@@ -121,6 +122,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sweep"] and not Path("sweep").is_file():
+        from . import sweep
+
+        return sweep.main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     started = time.monotonic()

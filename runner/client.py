@@ -25,6 +25,10 @@ class PromptFailed(Exception):
     """The prompt started but a node raised; the message names the node and the error."""
 
 
+class ServerLost(PromptFailed):
+    """The server went away (its websocket closed) before the prompt finished: run it elsewhere."""
+
+
 def describe_rejection(body: dict) -> str:
     lines = [body.get("error", {}).get("message", "prompt rejected")]
     for node_id, errors in body.get("node_errors", {}).items():
@@ -45,10 +49,13 @@ class Result:
 class Client:
     """One client id on one server (``http://host:port``)."""
 
-    def __init__(self, url: str, timeout: float = 3600.0):
+    def __init__(self, url: str, timeout: float = 3600.0, on_event=None):
+        """``on_event(kind, data)``, when given, sees each websocket event of the prompt (``progress``,
+        ``executing``, ...) and the per-node log lines drop to DEBUG (the caller shows progress itself)."""
         self.url = url.rstrip("/")
         self.client_id = uuid.uuid4().hex
         self.timeout = timeout
+        self.on_event = on_event
 
     async def _json(self, session: aiohttp.ClientSession, method: str, path: str, **kwargs):
         async with session.request(method, self.url + path, **kwargs) as r:
@@ -65,22 +72,25 @@ class Client:
     async def _follow(self, ws: aiohttp.ClientWebSocketResponse, prompt_id: str, prompt: dict) -> None:
         """Log progress until the prompt finishes; raise PromptFailed when a node fails."""
         last = time.monotonic()
+        level = logging.INFO if self.on_event is None else logging.DEBUG
         async for message in ws:
             if message.type == aiohttp.WSMsgType.BINARY:  # previews
                 continue
             if message.type != aiohttp.WSMsgType.TEXT:
-                raise PromptFailed(f"the websocket closed before prompt {prompt_id} finished ({message.type})")
+                raise ServerLost(f"the websocket closed before prompt {prompt_id} finished ({message.type})")
             event = message.json()
             kind, data = event.get("type"), event.get("data", {})
             if data.get("prompt_id") not in (None, prompt_id):
                 continue
+            if self.on_event is not None:
+                self.on_event(kind, data)
             if kind == "executing" and data.get("node") is not None:
                 node, now = data["node"], time.monotonic()
-                logging.info("running node %s (%s) [+%.1f s]", node,
-                             prompt.get(node, {}).get("class_type", "?"), now - last)
+                logging.log(level, "running node %s (%s) [+%.1f s]", node,
+                            prompt.get(node, {}).get("class_type", "?"), now - last)
                 last = now
             elif kind == "progress":
-                logging.info("  node %s: step %d/%d", data.get("node"), data["value"], data["max"])
+                logging.log(level, "  node %s: step %d/%d", data.get("node"), data["value"], data["max"])
             elif kind == "execution_error":
                 raise PromptFailed(f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
                                    f"{data.get('exception_type')}: {data.get('exception_message')}")
@@ -89,7 +99,7 @@ class Client:
             elif kind == "execution_success" or (kind == "executing" and data.get("node") is None
                                                  and data.get("prompt_id") == prompt_id):
                 return
-        raise PromptFailed(f"the websocket closed before prompt {prompt_id} finished")
+        raise ServerLost(f"the websocket closed before prompt {prompt_id} finished")
 
     async def run(self, prompt: dict, out_dir: Path | None = None) -> Result:
         """Queue ``prompt``, wait for it, and save its images (and other files) into ``out_dir``."""
