@@ -512,6 +512,14 @@ def test_zoomed_in_hand_and_face_points_of_the_second_person_drag_into_edits(two
 
     comfy.page.keyboard.press("0")  # fit
     assert screen_scale(comfy) == pytest.approx(fit_scale)
+    comfy.page.keyboard.press("+")
+    assert screen_scale(comfy) == pytest.approx(1.5 * fit_scale)
+    view_box = "() => document.querySelector('.cs-pose-svg').getAttribute('viewBox').split(' ').map(Number)"
+    x0 = comfy.js(view_box)[0]
+    comfy.page.keyboard.press("Alt+ArrowRight")  # pans a tenth of the view
+    assert comfy.js(view_box)[0] == pytest.approx(min(x0 + comfy.js(view_box)[2] / 10, WIDTH2 - comfy.js(view_box)[2]))
+    assert comfy.js(view_box)[0] > x0
+    comfy.page.keyboard.press("0")
     face_point = joint(comfy, "face", 17, 1)
     wheel_zoom_at(comfy, face_point, 8)
     scale = screen_scale(comfy)
@@ -583,6 +591,17 @@ def test_a_hand_is_added_at_a_wrist_deleted_and_restored_with_undo_and_the_keybo
     dialog.locator('[data-remove-part="face"]').click()
     assert edits(comfy, node_id)[-1] == {"op": "remove_part", "person": 1, "part": "face"}
     assert dialog.locator('.cs-pose-face[data-person="1"]').count() == 0
+    # dragging a hand bone moves that hand only
+    bone = dialog.locator('.cs-pose-hand-bone[data-bone-of="1"][data-bone-part="hand_right"]').nth(9)
+    wheel_zoom_at(comfy, bone, 6)
+    scale = screen_scale(comfy)
+    drag(comfy, bone, 24, -12)
+    moved = edits(comfy, node_id)[-1]
+    assert moved == {"op": "translate", "person": 1, "part": "hand_right",
+                     "dx": pytest.approx(24 / scale, abs=0.051), "dy": pytest.approx(-12 / scale, abs=0.051)}
+    x, y = HAND2_RIGHT[12]
+    assert point_position(comfy, "hand_right", 12, 1) == pytest.approx((x + moved["dx"], y + moved["dy"]))
+    assert point_position(comfy, "body", R_WRIST, 1) == pytest.approx(BODY2[R_WRIST])
     print(f"\nscreenshot: {comfy.screenshot('pose-editor-hand-added')}")
     comfy.assert_no_errors()
 
