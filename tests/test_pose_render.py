@@ -92,7 +92,8 @@ def dwpose_draw_pose_of(data):
         body = np.reshape(p["pose_keypoints_2d"], (18, 3))
         candidate += [[x / w, y / h] for x, y, _ in body]
         subset.append([18 * n + j if body[j, 2] > 0 else -1 for j in range(18)])
-        hands += [np.reshape(p[k], (21, 3))[:, :2] / (w, h) for k in ("hand_left_keypoints_2d", "hand_right_keypoints_2d")]
+        hands += [np.reshape(p[k], (21, 3))[:, :2] / (w, h)
+                  for k in ("hand_left_keypoints_2d", "hand_right_keypoints_2d")]
         faces.append(np.reshape(p["face_keypoints_2d"], (-1, 3))[:, :2] / (w, h))
     pose = {"bodies": {"candidate": np.array(candidate), "subset": np.array(subset, float)}, "hands": hands,
             "faces": faces}

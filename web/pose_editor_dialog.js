@@ -115,7 +115,8 @@ export async function openPoseEditor({ app, title, editsWidget, run, onChange })
       button("delete", "Delete point", removeSelected, "Remove the selected point (Delete)"),
       button("deletePart", "Delete part", () => removePart(state.selected?.person, state.selected?.part),
         "Delete the selected point's hand or face, or every body point (Shift+Delete)"),
-      button("mode", "Arrows move: point", cycleMode, "Arrows move the point, the whole person or the point's part (P)"),
+      button("mode", "Arrows move: point", cycleMode,
+        "Arrows move the point, the whole person or the point's part (P)"),
       button("show-body", "Body", () => toggleShown("body"), "Show or hide the bodies (B)"),
       button("show-hands", "Hands", () => toggleShown("hands"), "Show or hide the hands (H)"),
       button("show-face", "Face", () => toggleShown("face"), "Show or hide the faces (F)"),
@@ -255,7 +256,8 @@ export async function openPoseEditor({ app, title, editsWidget, run, onChange })
     if (person === undefined || !part || !edited().frame.people[person]?.[part]) return;
     commit([...state.ops, { op: "remove_part", person, part }]);
     if (state.selected?.person === person && state.selected.part === part) state.selected = null;
-    say(`Deleted the ${part === "body" ? "body points" : part === "face" ? "face" : pointName(part)} of person ${person + 1}.`);
+    const what = part === "body" ? "body points" : part === "face" ? "face" : pointName(part);
+    say(`Deleted the ${what} of person ${person + 1}.`);
     render();
   }
 
@@ -692,7 +694,8 @@ export async function openPoseEditor({ app, title, editsWidget, run, onChange })
         const row = [el("span", { text: `${label}: ${detail}` })];
         if (has) {
           row.push(el("button", { type: "button", class: "cs-pose-button", "data-remove-part": part,
-            text: `Delete ${label.toLowerCase()}`, title: `Delete the ${label.toLowerCase()} of person ${n} (Shift+Delete)`,
+            text: `Delete ${label.toLowerCase()}`,
+            title: `Delete the ${label.toLowerCase()} of person ${n} (Shift+Delete)`,
             onclick: () => removePart(state.person, part) }));
         } else if (wrist !== null) {
           const add = el("button", { type: "button", class: "cs-pose-button", "data-add-hand": part,
@@ -713,7 +716,8 @@ export async function openPoseEditor({ app, title, editsWidget, run, onChange })
         title: `Add the ${BODY_NAMES[i]} near its neighbour`, onclick: () => addMissing(state.person, i),
       }))));
     }
-    children.push(el("p", { class: "cs-pose-count", text: `${state.ops.length} edit${state.ops.length === 1 ? "" : "s"}` }));
+    const count = state.ops.length;
+    children.push(el("p", { class: "cs-pose-count", text: `${count} edit${count === 1 ? "" : "s"}` }));
     for (const problem of problems) children.push(el("p", { class: "cs-pose-problem", text: problem }));
     side.replaceChildren(...children);
   }
