@@ -439,28 +439,36 @@ async def run_cell(url: str, cell: Cell, state: State) -> dict:
     return record
 
 
-LOST = (client.ServerLost, ConnectionError, OSError)
+def _server_lost(e: BaseException) -> bool:
+    """A connection problem (the cell goes to another server), not a failure of the cell itself."""
+    import aiohttp
+
+    if isinstance(e, (client.ServerLost, aiohttp.ClientError)):
+        return True
+    if isinstance(e, (client.PromptFailed, asyncio.TimeoutError)):  # a node failed, or the cell took too long
+        return False
+    return isinstance(e, OSError)  # refused, reset, unreachable
 
 
 async def _worker(url: str, queue: asyncio.Queue, state: State) -> None:
-    import aiohttp
-
     while True:
         cell = await queue.get()
         try:
             record = await run_cell(url, cell, state)
-        except (aiohttp.ClientError, *LOST) as e:
-            queue.put_nowait(cell)  # another server takes it
-            queue.task_done()
-            state.lost.append(url)
-            state.progress.server(url, "LOST")
-            state.progress.note(f"server {url} lost ({type(e).__name__}: {e}); cell {cell.key} goes back to the "
-                                "queue for the other servers")
-            return
         except client.PromptRejected:
             queue.task_done()
             raise
-        except (client.PromptFailed, asyncio.TimeoutError) as e:
+        except Exception as e:
+            if _server_lost(e):
+                queue.put_nowait(cell)  # another server takes it
+                queue.task_done()
+                state.lost.append(url)
+                state.progress.server(url, "LOST")
+                state.progress.note(f"server {url} lost ({type(e).__name__}: {e}); cell {cell.key} goes back to "
+                                    "the queue for the other servers")
+                return
+            if not isinstance(e, (client.PromptFailed, asyncio.TimeoutError)):
+                raise
             state.failed[cell.key] = f"{type(e).__name__}: {e}"
             state.progress.note(f"cell {cell.key} FAILED on {url}: {e}")
         else:
@@ -746,12 +754,21 @@ def run(args: argparse.Namespace) -> int:
     if todo:  # a finished sweep is redrawn without starting or asking any server
         try:
             if urls:
+                answering = []
                 for url in urls:
-                    lacking = cli._missing_on_server(url, workflow.model_refs(prompt))
+                    try:
+                        lacking = cli._missing_on_server(url, workflow.model_refs(prompt))
+                    except OSError as e:  # URLError included
+                        logging.warning("the server at %s does not answer (%s); the sweep goes on without it", url, e)
+                        continue
+                    answering.append(url)
                     if lacking:
                         raise SweepError(f"the server at {url} has no "
                                          f"{', '.join(f'{r.folder}/{r.name}' for r in lacking)}; put the files in "
                                          "its models folders (random stand-ins only go to servers the runner starts).")
+                if not answering:
+                    raise SweepError(f"none of the servers answers: {', '.join(urls)}.")
+                urls = answering
             else:
                 servers, missing = _start_local(args, prompt)
                 urls = [s.url for s in servers]
@@ -768,6 +785,7 @@ def run(args: argparse.Namespace) -> int:
             for s in servers:
                 s.stop()
 
+    folder.mkdir(parents=True, exist_ok=True)
     records = {c.key: r for c in everything if (r := load_done(folder / "cells" / c.key)) is not None}
     measured = measure(prompt, folder, records)
     grid_records = [records[c.key] for c in cells if c.key in records]
