@@ -132,17 +132,25 @@ def test_a_dimension_outside_masactrl_gets_a_reference_per_value():
         assert ref.prompt["9"]["inputs"]["seed"] == c.prompt["9"]["inputs"]["seed"] == c.settings["seed"]
 
 
+def _node(prompt, class_type):
+    return next(i for i, n in prompt.items() if n["class_type"] == class_type)
+
+
 def test_the_mask_patched_masactrl_reference_drops_the_mask_nodes_and_repaint_gets_its_mask_saved():
+    patch, invert, sampler = (_node(CHARACTER, c) for c in ("MasaCtrlAttentionPatch", "InvertMask", "RePaintKSampler"))
+    mask = CHARACTER[_node(CHARACTER, "SetLatentNoiseMask")]["inputs"]["mask"]
     axes = sweep.parse_axes(CHARACTER, ["start_step=0,4"])
     cells, references = sweep.make_cells(CHARACTER, axes, "consistent_character")
     off = references[0].prompt
-    assert "14" not in off and "13" not in off  # the patch and the Invert Mask that only fed it
-    assert off["15"]["inputs"]["model"] == ["1", 0]
+    assert patch not in off and invert not in off  # the patch and the Invert Mask that only fed it
+    assert not any(v == [patch, 0] for n in off.values() for v in n["inputs"].values())
+    assert ["1", 0] in [v for n in off.values() for v in n["inputs"].values()]  # the checkpoint's model is read
+    assert sampler in off
     for p in (cells[0].prompt, off):  # the mask that Set Latent Noise Mask gives the RePaint sampler is saved
-        assert p[sweep.MASK_NODE] == {"class_type": "MaskToImage", "inputs": {"mask": ["3", 1]},
+        assert p[sweep.MASK_NODE] == {"class_type": "MaskToImage", "inputs": {"mask": mask},
                                       "_meta": {"title": "sweep mask"}}
         assert p[sweep.MASK_SAVE_NODE]["inputs"]["images"] == [sweep.MASK_NODE, 0]
-    assert sweep.main_output(CHARACTER) == "17"
+    assert sweep.main_output(CHARACTER) == _node(CHARACTER, "SaveImage")
 
 
 def test_repaint_graphs_have_no_reference_and_their_mask_is_the_padding_mask():
