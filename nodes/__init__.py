@@ -4,7 +4,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import masactrl, masactrl_batch, pose_edit_outpaint, repaint
+from . import cross_attention_mask, masactrl, masactrl_batch, pose_edit_outpaint, prompt_tokens, repaint
 
 NODES: list[type[io.ComfyNode]] = [
     masactrl.MasaCtrlAttentionPatch,
@@ -13,6 +13,8 @@ NODES: list[type[io.ComfyNode]] = [
     repaint.RePaintKSampler,
     repaint.RePaintSampler,
     pose_edit_outpaint.PoseEditOutpaint,
+    prompt_tokens.PromptTokenIndices,
+    cross_attention_mask.CrossAttentionMask,
 ]
 
 

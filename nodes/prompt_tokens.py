@@ -1,0 +1,119 @@
+"""PromptTokenIndices: the token positions of words in a prompt, as the UNet's context lays them out.
+
+A CLIP tokenizer lays a prompt out in chunks of 77 tokens (start token, up to 75 prompt tokens,
+end token, padding); the text encoder encodes each chunk and the UNet sees the chunks
+concatenated. Index ``c * 77 + p`` is position ``p`` of chunk ``c``: index 0 is the start token,
+so the first word of a short prompt is index 1, as the official MasaCtrl code's ``token_idx=1``.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+NODE = "PromptTokenIndices"
+
+
+def _error(input_name: str, message: str) -> ValueError:
+    return ValueError(f"{NODE}: input '{input_name}': {message}")
+
+
+def _sub_tokenizers(clip) -> dict:
+    """The tokenizer of each text encoder, keyed as ``clip.tokenize`` keys its output."""
+    tokenizer = clip.tokenizer
+    found = {}
+    for key in clip.tokenize("").keys():
+        for name in (f"clip_{key}", key, getattr(tokenizer, "clip", None)):
+            sub = getattr(tokenizer, name, None) if name else None
+            if sub is not None and hasattr(sub, "tokenize_with_weights"):
+                found[key] = sub
+                break
+    return found
+
+
+def _ids(chunks) -> list:
+    """The token ids of a tokenized prompt, chunks concatenated (embeddings as None)."""
+    return [t[0] if isinstance(t[0], int) else None for chunk in chunks for t in chunk]
+
+
+def _word_ids(sub, word: str) -> list[int]:
+    """The ids of ``word``'s own tokens (no start, end or padding): those with a word id."""
+    chunks = sub.tokenize_with_weights(word, True)
+    return [t[0] for chunk in chunks for t in chunk if t[2] > 0 and isinstance(t[0], int)]
+
+
+def _occurrences(sequence: list, pattern: list[int]) -> list[int]:
+    k = len(pattern)
+    return [i for i in range(len(sequence) - k + 1) if sequence[i:i + k] == pattern]
+
+
+def split_words(words: str) -> list[str]:
+    return [w.strip() for w in str(words).split(",") if w.strip()]
+
+
+def token_indices(clip, text: str, words: str, text_input: str = "text", words_input: str = "words") -> list[int]:
+    """Sorted indices into ``text``'s concatenated token chunks of every token of every word of
+    ``words`` (comma-separated), at each place the word occurs. Errors name the inputs."""
+    if clip is None:
+        raise _error("clip", "no CLIP connected; connect the checkpoint's CLIP.")
+    wanted = split_words(words)
+    if not wanted:
+        raise _error(words_input, "no word given; write one or more comma-separated words of the prompt, "
+                                  "e.g. 'hand' or 'red hat, dog'.")
+    subs = _sub_tokenizers(clip)
+    if not subs:
+        raise _error("clip", "this CLIP has no CLIP-style tokenizer; word positions need an SD1.x, SD2.x or "
+                             "SDXL text encoder.")
+    prompt = clip.tokenize(text)
+    per_encoder = {}
+    for key, sub in subs.items():
+        sequence = _ids(prompt[key])
+        found = set()
+        for word in wanted:
+            pattern = _word_ids(sub, word)
+            places = _occurrences(sequence, pattern) if pattern else []
+            if not places:
+                raise _error(words_input, f"'{word}' is not in the prompt of input '{text_input}' (as this "
+                                          f"CLIP's tokenizer splits it); use words that occur in the prompt.")
+            for p in places:
+                found.update(range(p, p + len(pattern)))
+        per_encoder[key] = sorted(found)
+    layouts = list(per_encoder.values())
+    if any(layout != layouts[0] for layout in layouts[1:]):
+        raise _error("clip", f"the text encoders lay the prompt out differently ({per_encoder}); "
+                             "the UNet's token positions are ambiguous.")
+    return layouts[0]
+
+
+def prompt_length(clip, text: str) -> int:
+    """The number of context tokens the UNet sees for ``text`` (all chunks)."""
+    prompt = clip.tokenize(text)
+    return len(_ids(next(iter(prompt.values()))))
+
+
+class PromptTokenIndices(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE,
+            display_name="Prompt Token Indices",
+            category="consistent synthesis/cross-attention",
+            description=("The token positions of words in a prompt, for the cross-attention maps of those "
+                         "words (MasaCtrl's source_tokens / target_tokens). Index 0 is the start token; "
+                         "prompts longer than 75 tokens count on through the following 77-token chunks."),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt (SD1.x, SD2.x or SDXL); its "
+                              "tokenizer decides where the words land."),
+                io.String.Input("text", multiline=True, default="",
+                                tooltip="The prompt, exactly as given to CLIP Text Encode."),
+                io.String.Input("words", default="",
+                                tooltip="Comma-separated words or phrases of the prompt (e.g. 'hand' or "
+                                        "'red hat'); every token of each, wherever it occurs."),
+            ],
+            outputs=[io.String.Output(display_name="token_indices",
+                                      tooltip="Comma-separated token indices, e.g. '2, 3', for MasaCtrl "
+                                              "Attention Patch's source_tokens / target_tokens.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, text, words) -> io.NodeOutput:
+        return io.NodeOutput(", ".join(str(i) for i in token_indices(clip, text, words)))
