@@ -9,6 +9,8 @@ import torch
 
 from comfy_api.latest import io
 
+from . import checks
+
 BATCHED_KEYS = ("pooled_output",)
 # Per-prompt settings one batched conditioning holds once: Flux's distilled guidance scale.
 SHARED_KEYS = ("guidance",)
@@ -83,6 +85,7 @@ class MasaCtrlConditioningBatch(io.ComfyNode):
 
     @classmethod
     def execute(cls, source, target) -> io.NodeOutput:
+        checks.inputs(cls, locals())
         return io.NodeOutput(stack_conditioning(source, target))
 
 
@@ -121,6 +124,7 @@ def latent_batch(source: dict, targets: int, source_is_reference: bool, share_no
         raise ValueError(f"{node}: input 'source' carries a noise_mask; for a real image as the source set "
                          "'source_is_reference' to true, otherwise give an Empty Latent Image.")
     size = tuple(samples.shape[1:])
+    checks.elements(node, "targets", (1 + targets) * samples.numel(), f"the batch of 1 + {targets} latents")
     if target is None:
         target_samples = torch.zeros((targets,) + size)
         target_mask = torch.ones((targets, 1) + size[1:])
@@ -168,4 +172,5 @@ class MasaCtrlLatentBatch(io.ComfyNode):
 
     @classmethod
     def execute(cls, source, targets, source_is_reference, share_noise, target=None) -> io.NodeOutput:
+        checks.inputs(cls, locals())
         return io.NodeOutput(latent_batch(source, targets, source_is_reference, share_noise, target))

@@ -13,6 +13,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..pose import complete, detect, edits, openpose, render
+from . import checks
 
 NODE = "PoseEditOutpaint"
 PoseKeypoint = io.Custom("POSE_KEYPOINT")
@@ -107,18 +108,20 @@ class PoseEditOutpaint(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, pad_left, pad_top, pad_right, pad_bottom):
-        # Naming only the paddings keeps the host's own range and option checks for the other inputs.
+    def validate_inputs(cls, pad_left=None, pad_top=None, pad_right=None, pad_bottom=None, completion=None):
+        # Naming only these keeps the host's own range checks for the other inputs; a linked (None) or
+        # missing value is checked in execute. ComfyUI 0.3.x does not check a V3 combo itself.
         for name, value in (("pad_left", pad_left), ("pad_top", pad_top), ("pad_right", pad_right),
                             ("pad_bottom", pad_bottom)):
-            problem = _padding_problem(value) if isinstance(value, int) else None  # a link is checked in execute
+            problem = _padding_problem(value) if value is not None else None
             if problem:
                 return f"{NODE}: input '{name}': {problem}"
-        return True
+        return checks.combo_problem(NODE, "completion", completion, COMPLETIONS) or True
 
     @classmethod
     def execute(cls, image, pad_left, pad_top, pad_right, pad_bottom, feathering, completion, edits="",
                 pose=None) -> io.NodeOutput:
+        checks.inputs(cls, locals())
         result = pose_edit_outpaint(image, pose, pad_left, pad_top, pad_right, pad_bottom, feathering,
                                     completion, edits)
         padded, mask, pose_image, base, edited = result
@@ -165,6 +168,9 @@ def pose_edit_outpaint(image, pose, pad_left, pad_top, pad_right, pad_bottom, fe
     if image.ndim != 4 or image.shape[-1] < 3:
         raise _error("image", f"expected an IMAGE of shape (batch, height, width, 3), got {tuple(image.shape)}")
     batch, height, width = image.shape[:3]
+    canvas = (width + pad_left + pad_right, height + pad_top + pad_bottom)
+    checks.elements(NODE, "image", batch * canvas[0] * canvas[1] * 3,
+                    f"the padded batch of {batch} {canvas[0]}x{canvas[1]} images")
     try:
         ops = edits.parse(edits_text)
     except openpose.PoseError as e:

@@ -14,7 +14,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..samplers import repaint, step_clock
-from . import host_compat
+from . import checks, host_compat
 
 NO_MASK = ("the latent has no noise_mask, so RePaint has nothing to keep. Add one with Set Latent Noise "
            "Mask, VAE Encode (for Inpainting) or Pose Edit Outpaint (mask: 1 = generate, 0 = keep).")
@@ -138,7 +138,8 @@ class RePaint(comfy.samplers.Sampler):
 
         def denoise_segment(x, segment_sigmas, number):
             # ancestral and SDE samplers seed their noise from extra_args: a new stream per segment
-            args = dict(extra_args, seed=seed + number) if number else extra_args
+            # (seed + number * an odd constant, mod 2**64: in the seed range, never the fresh noise's seed + 1)
+            args = dict(extra_args, seed=(seed + number * 0x9E3779B97F4A7C15) % 2**64) if number else extra_args
             step_callback = None
             if clock is not None and not clock.by_sigma:
                 begin = runs[number][0]
@@ -193,6 +194,7 @@ class RePaintSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, sampler, jump_length, jump_n_sample, resample_start, resample_end) -> io.NodeOutput:
+        checks.inputs(cls, locals())
         return io.NodeOutput(RePaint(sampler, jump_length, jump_n_sample, resample_start, resample_end))
 
 
@@ -257,8 +259,19 @@ class RePaintKSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sampler_name=None, scheduler=None):
+        # ComfyUI 0.3.x does not check a V3 combo's value itself; unknown names are refused here, at queue time
+        for name, value, options in (("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS),
+                                     ("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)):
+            problem = checks.combo_problem("RePaintKSampler", name, value, options)
+            if problem:
+                return problem
+        return True
+
+    @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise, jump_length, jump_n_sample, resample_start, resample_end) -> io.NodeOutput:
+        checks.inputs(cls, locals())
         return io.NodeOutput(repaint_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                               latent_image, denoise, jump_length, jump_n_sample, resample_start,
                                               resample_end))
