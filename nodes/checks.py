@@ -28,6 +28,7 @@ WHAT = {
     "CONDITIONING": "a CONDITIONING (from CLIP Text Encode or another conditioning node)",
     "SAMPLER": "a SAMPLER (from KSamplerSelect or another sampler node)",
     "SIGMAS": "SIGMAS (a 1-D tensor of noise levels, from a scheduler node)",
+    "CLIP": "a CLIP (from Load Checkpoint or a CLIP loader)",
 }
 
 
@@ -119,6 +120,11 @@ def conditioning(node: str, name: str, value) -> None:
         raise _wrong_type(node, name, "CONDITIONING", value)
 
 
+def clip(node: str, name: str, value) -> None:
+    if not (callable(getattr(value, "tokenize", None)) and callable(getattr(value, "encode_from_tokens", None))):
+        raise _wrong_type(node, name, "CLIP", value)
+
+
 def sampler(node: str, name: str, value) -> None:
     if not callable(getattr(value, "sample", None)):
         raise _wrong_type(node, name, "SAMPLER", value)
@@ -162,7 +168,7 @@ def text(node: str, name: str, value) -> None:
 
 
 _BY_TYPE = {"MODEL": model, "MASK": mask, "IMAGE": image, "LATENT": latent, "CONDITIONING": conditioning,
-            "SAMPLER": sampler, "SIGMAS": sigmas, "BOOLEAN": boolean, "STRING": text}
+            "SAMPLER": sampler, "SIGMAS": sigmas, "CLIP": clip, "BOOLEAN": boolean, "STRING": text}
 
 
 def check(node: str, spec, value) -> None:

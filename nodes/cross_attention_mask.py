@@ -17,7 +17,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..attention import cross_attention
-from . import cross_attention_maps, prompt_tokens
+from . import checks, cross_attention_maps, prompt_tokens
 
 NODE = "CrossAttentionMask"
 VAE_SCALE = 8  # latent -> image pixels for SD1.x, SD2.x and SDXL
@@ -153,6 +153,7 @@ class CrossAttentionMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, text, words, latent, noise_level, seed, threshold, image=None) -> io.NodeOutput:
+        checks.inputs(cls, locals())
         if not 0.0 < noise_level <= 1.0:
             raise _error("noise_level", f"{noise_level} is outside (0, 1]; use e.g. 0.5.")
         if not 0.0 <= threshold <= 1.0:

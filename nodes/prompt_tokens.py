@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from . import checks
+
 NODE = "PromptTokenIndices"
 
 
@@ -116,4 +118,5 @@ class PromptTokenIndices(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, text, words) -> io.NodeOutput:
+        checks.inputs(cls, locals())
         return io.NodeOutput(", ".join(str(i) for i in token_indices(clip, text, words)))
