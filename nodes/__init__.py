@@ -4,12 +4,14 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import cross_attention_mask, masactrl, masactrl_batch, pose_edit_outpaint, prompt_tokens, repaint
+from . import cross_attention_mask, inversion, masactrl, masactrl_batch, pose_edit_outpaint, prompt_tokens, repaint
 
 NODES: list[type[io.ComfyNode]] = [
     masactrl.MasaCtrlAttentionPatch,
     masactrl_batch.MasaCtrlConditioningBatch,
     masactrl_batch.MasaCtrlLatentBatch,
+    inversion.InvertLatent,
+    inversion.MasaCtrlInvertedSource,
     repaint.RePaintKSampler,
     repaint.RePaintSampler,
     pose_edit_outpaint.PoseEditOutpaint,

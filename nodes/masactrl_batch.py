@@ -109,13 +109,23 @@ def _target_rows(target: dict, targets: int, size: tuple, node: str) -> tuple[to
 
 
 def latent_batch(source: dict, targets: int, source_is_reference: bool, share_noise: bool,
-                 target: dict | None = None, node: str = "MasaCtrlLatentBatch") -> dict:
+                 target: dict | None = None, node: str = "MasaCtrlLatentBatch", inverted: bool = True) -> dict:
     """A LATENT of the source followed by ``targets`` target latents.
 
     Each row's ``noise_mask`` says what the sampler generates: a reference source is held known
     (0), a target given with its own mask (an inpainting or outpainting canvas) keeps that mask.
+    A source from InvertLatent with ``inverted``: every row holds the inverted noise and the
+    source is generated (1), driven along its path by MasaCtrlInvertedSource; without
+    ``inverted`` its clean latent (the path's first) is the re-noised reference.
     """
+    inversion = "inversion_path" in source
+    if inversion and not source_is_reference:
+        raise ValueError(f"{node}: input 'source' comes from Invert Latent (a real image); set "
+                         "'source_is_reference' to true.")
+    if inversion and not inverted:
+        source = {"samples": source["inversion_path"][0]}
     samples = source["samples"]
+    inverted = inversion and inverted
     if samples.shape[0] != 1:
         raise ValueError(f"{node}: input 'source' holds {samples.shape[0]} latents; give one (batch size 1).")
     if targets < 1:
@@ -126,12 +136,12 @@ def latent_batch(source: dict, targets: int, source_is_reference: bool, share_no
     size = tuple(samples.shape[1:])
     checks.elements(node, "targets", (1 + targets) * samples.numel(), f"the batch of 1 + {targets} latents")
     if target is None:
-        target_samples = torch.zeros((targets,) + size)
+        target_samples = samples.expand((targets,) + size) if inverted else torch.zeros((targets,) + size)
         target_mask = torch.ones((targets, 1) + size[1:])
     else:
         target_samples, target_mask = _target_rows(target, targets, size, node)
     source_samples = samples if source_is_reference else torch.zeros_like(samples)
-    source_mask = torch.full((1, 1) + size[1:], 0.0 if source_is_reference else 1.0)
+    source_mask = torch.full((1, 1) + size[1:], 0.0 if source_is_reference and not inverted else 1.0)
     out = {"samples": torch.cat([source_samples, target_samples.to(samples.dtype)])}
     if share_noise:
         out["batch_index"] = [0] * (1 + targets)
@@ -166,11 +176,16 @@ class MasaCtrlLatentBatch(io.ComfyNode):
                 io.Latent.Input("target", optional=True, tooltip=(
                     "Optional start of the targets, e.g. an outpainting canvas from VAE Encode + Set Latent "
                     "Noise Mask: its noise_mask (1 = generate) is kept. Empty: targets are generated whole.")),
+                io.Boolean.Input("inverted", default=True, optional=True, tooltip=(
+                    "For a source from Invert Latent. True: the paper's real-image editing: every image starts "
+                    "from the inverted noise and the source follows its inversion path (add MasaCtrl Inverted "
+                    "Source to the model). False: the source's clean latent is the re-noised reference.")),
             ],
             outputs=[io.Latent.Output(tooltip="Source then targets, for a stock KSampler.")],
         )
 
     @classmethod
-    def execute(cls, source, targets, source_is_reference, share_noise, target=None) -> io.NodeOutput:
+    def execute(cls, source, targets, source_is_reference, share_noise, target=None, inverted=None) -> io.NodeOutput:
         checks.inputs(cls, locals())
-        return io.NodeOutput(latent_batch(source, targets, source_is_reference, share_noise, target))
+        return io.NodeOutput(latent_batch(source, targets, source_is_reference, share_noise, target,
+                                          inverted=inverted is not False))
