@@ -1,7 +1,9 @@
 """RePaint cost and benefit, with ratios against ComfyUI's plain masked KSampler in the same process.
 
 1. Model evaluations and wall time of RePaintKSampler against the host's masked KSampler at
-   equal steps, on a full-size random SD1.5 UNet.
+   equal steps and at equal evaluations (time per evaluation), on a full-size random SD1.5 UNet,
+   on CUDA when there is one (fp16 there), with the host synchronisations each run makes
+   (``torch.cuda.set_sync_debug_mode`` warnings on CUDA, tests/sync_counter.py on the CPU).
 2. The sampler's own overhead per model evaluation, measured with a model that costs almost
    nothing (the analytic Gaussian denoiser), next to one UNet evaluation.
 3. Distance (W2) of inpainted samples to the exact conditional of a Gaussian, against the
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,11 +29,32 @@ import host  # noqa: E402
 
 
 def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     out = fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return out, time.perf_counter() - start
+
+
+def host_syncs(fn, device) -> int:
+    """Host synchronisations during ``fn()``: CUDA's own count where there is a GPU, else the CPU counter."""
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message) for w in caught)
+    from sync_counter import HostSyncCounter
+
+    with HostSyncCounter() as counter:
+        fn()
+    return counter.total
 
 
 def main() -> None:
@@ -40,6 +64,8 @@ def main() -> None:
     parser.add_argument("--jump-length", type=int, default=10)
     parser.add_argument("--jump-n-sample", type=int, default=10)
     parser.add_argument("--skip-unet", action="store_true", help="only the overhead and analytic tables")
+    parser.add_argument("--dtype", choices=["fp16", "fp32"], default=None,
+                        help="UNet precision (default: fp16 on CUDA, fp32 on the CPU)")
     args = parser.parse_args()
 
     host.prepare(use_gpu=True)
@@ -75,7 +101,9 @@ def main() -> None:
     unet_eval = None
     if not args.skip_unet:
         device = comfy.model_management.get_torch_device()
-        model = counting(tm.tiny_model("sd15", full_size=True, device=device))
+        dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+        dtype = torch.float16 if dtype_name == "fp16" else torch.float32
+        model = counting(tm.tiny_model("sd15", full_size=True, device=device, dtype=dtype))
         side = args.size // 8
         mask = torch.zeros(1, 1, side, side)
         mask[..., side // 2:] = 1.0
@@ -83,27 +111,38 @@ def main() -> None:
         pos, neg = tm.conditioning("sd15", full_size=True), tm.conditioning("sd15", seed=1, full_size=True)
         plain(model, latent, pos, neg, 2)  # weights loaded, kernels warm
         print(f"\n1. {args.size}px outpainting, full-size SD1.5 UNet (random weights), {args.steps} euler steps, "
-              f"cfg 1, {device}")
-        print(f"{'run':<40} {'evals':>6} {'x evals':>8} {'time s':>8} {'x time':>7}")
+              f"cfg 1, {device}, {dtype_name}")
+        print(f"{'run':<44} {'evals':>6} {'x evals':>8} {'time s':>8} {'x time':>7} {'ms/eval':>8} {'syncs':>6}")
         counter.clear()
         _, base = timed(lambda: plain(model, latent, pos, neg, args.steps))
         base_evals = len(counter)
         unet_eval = base / base_evals
-        runs = [("ComfyUI masked KSampler", None),
+        jumped = R.model_steps(R.jump_schedule(args.steps, args.jump_length, args.jump_n_sample))
+        runs = [("ComfyUI masked KSampler", ("plain", args.steps)),
+                (f"ComfyUI masked KSampler, {jumped} steps", ("plain", jumped)),
                 (f"RePaint {args.jump_length}/{args.jump_n_sample}", (args.jump_length, args.jump_n_sample, 0.0)),
                 (f"RePaint {args.jump_length}/{args.jump_n_sample}, window 0.5-1",
                  (args.jump_length, args.jump_n_sample, 0.5)),
                 ("RePaint jump_n_sample 1", (args.jump_length, 1, 0.0))]
+        per_eval = {}
         for name, settings in runs:
-            counter.clear()
-            if settings is None:
-                t = base
-                evals = base_evals
+            if settings[0] == "plain":
+                def run(steps=settings[1]):
+                    return plain(model, latent, pos, neg, steps)
             else:
-                _, t = timed(lambda: ours(model, latent, pos, neg, args.steps, settings[0], settings[1],
-                                          start=settings[2]))
-                evals = len(counter)
-            print(f"{name:<40} {evals:6d} {evals / base_evals:8.2f} {t:8.2f} {t / base:7.2f}")
+                def run(settings=settings):
+                    return ours(model, latent, pos, neg, args.steps, settings[0], settings[1], start=settings[2])
+            counter.clear()
+            _, t = timed(run)
+            evals = len(counter)
+            per_eval[name] = t / evals
+            syncs = host_syncs(run, device)
+            print(f"{name:<44} {evals:6d} {evals / base_evals:8.2f} {t:8.2f} {t / base:7.2f} "
+                  f"{t / evals * 1e3:8.2f} {syncs:6d}")
+        stock = per_eval[f"ComfyUI masked KSampler, {jumped} steps"]
+        repainted = per_eval[f"RePaint {args.jump_length}/{args.jump_n_sample}"]
+        print(f"time per evaluation at equal evaluations ({jumped}): RePaint / ComfyUI masked KSampler = "
+              f"{repainted / stock:.3f}")
 
     # 2. Overhead: the analytic model costs almost nothing, so the time per evaluation is the loop's
     # own. Compare at equal evaluations (RePaint 50 steps 10/10 = 410 against a 410-step KSampler), so
