@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["fp16", "fp32"], default=None)
+    parser.add_argument("--tiny", action="store_true", help="the tiny test UNet instead of the full-size one")
     args = parser.parse_args()
 
     host.prepare(use_gpu=True)
@@ -48,10 +49,11 @@ def main() -> None:
     device = comfy.model_management.get_torch_device()
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = torch.float16 if dtype_name == "fp16" else torch.float32
-    model = tm.tiny_model("sd15", full_size=True, device=device, dtype=dtype)
+    model = tm.tiny_model("sd15", full_size=not args.tiny, device=device, dtype=dtype)
     side = args.size // 8
     source = {"samples": torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))}
-    pos, neg = tm.conditioning("sd15", full_size=True), tm.conditioning("sd15", seed=1, full_size=True)
+    pos = tm.conditioning("sd15", full_size=not args.tiny)
+    neg = tm.conditioning("sd15", seed=1, full_size=not args.tiny)
     steps = args.steps
 
     def sample(run_model, latent, cfg):
@@ -67,7 +69,7 @@ def main() -> None:
 
     sample(model, source, 1.0)  # weights loaded, kernels warm
     inverted = invert()
-    print(f"\n{args.size}px, full-size SD1.5 UNet (random weights), {steps} steps, {device}, {dtype_name}, "
+    print(f"\n{args.size}px, {'tiny' if args.tiny else 'full-size'} SD1.5 UNet (random weights), {steps} steps, {device}, {dtype_name}, "
           f"best of {args.repeats}")
     plain_step = best(lambda: sample(model, source, 1.0)) / steps
     invert_step = best(invert) / steps

@@ -191,3 +191,20 @@ def test_the_nodes_execute_from_their_schemas():
     assert N.InvertLatent.validate_inputs(scheduler="nope").startswith("InvertLatent: input 'scheduler'")
     with pytest.raises(ValueError, match="InvertLatent: input 'latent'"):
         N.InvertLatent.execute(model, ANALYTIC_COND, ANALYTIC_COND, "latent", 5, "normal", 1.0, 1.0)
+
+
+def test_repaint_ksampler_on_an_inverted_reference_and_a_canvas_keeps_both_known_parts():
+    """The consistent character graph: RePaint's jumps back up read the path too; the source row is the
+    reference exactly and the canvas keeps its known region."""
+    from consistent_synthesis.nodes.repaint import repaint_ksampler
+
+    model, source, inv = inverted_tiny(MT.EPS, 4)
+    canvas = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 8:, :] = 1.0
+    batch = latent_batch(inv, 1, True, True, target={"samples": canvas, "noise_mask": mask})
+    cond = tm.conditioning("sd15")
+    out = repaint_ksampler(N.inverted_source_patch(model, inv), 3, 4, 1.0, "euler", "normal", cond, cond, batch,
+                           1.0, 2, 2)["samples"]
+    assert torch.equal(out[0], source["samples"][0])
+    assert torch.equal(out[1, :, :8], canvas[0, :, :8])

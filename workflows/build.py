@@ -67,8 +67,14 @@ NODE_SPECS: dict[str, NodeSpec] = {
         "MasaCtrl Conditioning Batch"),
     "MasaCtrlLatentBatch": NodeSpec(
         (("source", "LATENT"), ("targets", "INT"), ("source_is_reference", "BOOLEAN"), ("share_noise", "BOOLEAN"),
-         ("target", "LATENT")),
+         ("target", "LATENT"), ("inverted", "BOOLEAN")),
         (("LATENT", "LATENT"),), "MasaCtrl Latent Batch", optional=("target",)),
+    "InvertLatent": NodeSpec(
+        (("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"),
+         ("steps", "INT"), ("scheduler", "COMBO"), ("cfg", "FLOAT"), ("denoise", "FLOAT")),
+        (("LATENT", "LATENT"),), "Invert Latent (DDIM inversion)"),
+    "MasaCtrlInvertedSource": NodeSpec(
+        (("model", "MODEL"), ("inverted", "LATENT")), (("MODEL", "MODEL"),), "MasaCtrl Inverted Source"),
     "LoadImage": NodeSpec((("image", "COMBO"),), (("IMAGE", "IMAGE"), ("MASK", "MASK")), "Load Image",
                           extra_widgets=(("image", "image"),)),
     "VAEEncode": NodeSpec((("pixels", "IMAGE"), ("vae", "VAE")), (("LATENT", "LATENT"),), "VAE Encode"),
@@ -227,8 +233,8 @@ def masactrl_synthesis(name: str, checkpoint: str, size: int, start_layer: int, 
     negative = g.add("CLIPTextEncode", "Negative prompt", at=(1, 6), size=(360, 140), clip=ckpt[1], text=NEGATIVE)
     batch = g.add("MasaCtrlConditioningBatch", at=(2, 2), size=(300, 60), source=source[0], target=target[0])
     empty = g.add("EmptyLatentImage", at=(1, 9), size=(320, 110), width=size, height=size, batch_size=1)
-    latents = g.add("MasaCtrlLatentBatch", at=(2, 8), size=(320, 130), source=empty[0], targets=1,
-                    source_is_reference=False, share_noise=True)
+    latents = g.add("MasaCtrlLatentBatch", at=(2, 8), size=(320, 150), source=empty[0], targets=1,
+                    source_is_reference=False, share_noise=True, inverted=True)
     patch = g.add("MasaCtrlAttentionPatch", at=(2, 4), size=(320, 220), model=ckpt[0],
                   start_step=4, start_layer=start_layer, end_step=-1, end_layer=-1, mode="mutual", source_index=0)
     sampler = g.add("KSampler", at=(3, 0), size=(320, 270), model=patch[0], seed=42, steps=50, cfg=7.5,
@@ -236,6 +242,37 @@ def masactrl_synthesis(name: str, checkpoint: str, size: int, start_layer: int, 
                     latent_image=latents[0], denoise=1.0)
     decode = g.add("VAEDecode", at=(4, 0), size=(220, 50), samples=sampler[0], vae=ckpt[2])
     g.add("SaveImage", at=(4, 2), size=(420, 300), images=decode[0], filename_prefix=f"consistent-synthesis/{name}")
+    return g
+
+
+def masactrl_real_image(name: str) -> Graph:
+    """(b') MasaCtrl editing of a real image as the paper does it: the photo is inverted (DDIM inversion
+    with its own prompt, cfg 1), every image starts from the inverted noise, and the source follows its
+    inversion path while the target prompt changes the pose or action."""
+    g = Graph(name, "MasaCtrl real-image editing: the loaded photo is inverted to noise; the source row retraces "
+                    "the photo's own denoising path while the target prompt edits pose or action, keeping "
+                    "identity and texture. Invert Latent and the KSampler share steps, scheduler and denoise.")
+    ckpt = g.add("CheckpointLoaderSimple", at=(0, 0), size=(320, 100), ckpt_name="v1-5-pruned-emaonly.safetensors")
+    image = g.add("LoadImage", "Real image", at=(0, 3), size=(320, 320), image=PERSON_IMAGE)
+    source = g.add("CLIPTextEncode", "Source prompt (describes the photo)", at=(1, 0), size=(360, 140),
+                   clip=ckpt[1], text="a photo of a woman in a red jacket, upper body")
+    target = g.add("CLIPTextEncode", "Target prompt", at=(1, 3), size=(360, 140), clip=ckpt[1],
+                   text="a photo of a woman in a red jacket, raising her arms, upper body")
+    negative = g.add("CLIPTextEncode", "Negative prompt", at=(1, 6), size=(360, 140), clip=ckpt[1], text=NEGATIVE)
+    encode = g.add("VAEEncode", at=(1, 9), size=(220, 50), pixels=image[0], vae=ckpt[2])
+    invert = g.add("InvertLatent", at=(2, 7), size=(320, 200), model=ckpt[0], positive=source[0],
+                   negative=negative[0], latent=encode[0], steps=50, scheduler="ddim_uniform", cfg=1.0, denoise=1.0)
+    batch = g.add("MasaCtrlConditioningBatch", at=(2, 0), size=(300, 60), source=source[0], target=target[0])
+    latents = g.add("MasaCtrlLatentBatch", at=(3, 7), size=(320, 150), source=invert[0], targets=1,
+                    source_is_reference=True, share_noise=True, inverted=True)
+    patch = g.add("MasaCtrlAttentionPatch", at=(2, 2), size=(320, 220), model=ckpt[0], start_step=4,
+                  start_layer=10, end_step=-1, end_layer=-1, mode="mutual", source_index=0)
+    driven = g.add("MasaCtrlInvertedSource", at=(3, 4), size=(300, 60), model=patch[0], inverted=invert[0])
+    sampler = g.add("KSampler", at=(4, 0), size=(320, 270), model=driven[0], seed=42, steps=50, cfg=7.5,
+                    sampler_name="ddim", scheduler="ddim_uniform", positive=batch[0], negative=negative[0],
+                    latent_image=latents[0], denoise=1.0)
+    decode = g.add("VAEDecode", at=(5, 0), size=(220, 50), samples=sampler[0], vae=ckpt[2])
+    g.add("SaveImage", at=(5, 2), size=(420, 300), images=decode[0], filename_prefix=f"consistent-synthesis/{name}")
     return g
 
 
@@ -297,13 +334,17 @@ def consistent_character(name: str) -> Graph:
     encode = g.add("VAEEncode", at=(2, 0), size=(220, 50), pixels=pose[0], vae=ckpt[2])
     canvas = g.add("SetLatentNoiseMask", "Target canvas", at=(2, 2), size=(240, 50), samples=encode[0],
                    mask=pose[1])
-    latents = g.add("MasaCtrlLatentBatch", at=(3, 0), size=(320, 150), source=encode[0], targets=1,
-                    source_is_reference=True, share_noise=True, target=canvas[0])
+    # the reference enters inverted (the paper's real-image editing); 'inverted' off: re-noised reference
+    invert = g.add("InvertLatent", at=(2, 10), size=(320, 200), model=ckpt[0], positive=source[0],
+                   negative=negative[0], latent=encode[0], steps=50, scheduler="normal", cfg=1.0, denoise=1.0)
+    latents = g.add("MasaCtrlLatentBatch", at=(3, 0), size=(320, 170), source=invert[0], targets=1,
+                    source_is_reference=True, share_noise=True, target=canvas[0], inverted=True)
     known = g.add("InvertMask", "Reference area", at=(2, 4), size=(220, 30), mask=pose[1])
     patch = g.add("MasaCtrlAttentionPatch", at=(3, 3), size=(320, 220), model=ckpt[0], start_step=4,
                   start_layer=10, end_step=-1, end_layer=-1, mode="mutual", source_index=0, source_mask=known[0],
                   target_mask=pose[1])
-    sampler = g.add("RePaintKSampler", at=(4, 0), size=(320, 380), model=patch[0], seed=42, steps=50, cfg=7.5,
+    driven = g.add("MasaCtrlInvertedSource", at=(3, 11), size=(300, 60), model=patch[0], inverted=invert[0])
+    sampler = g.add("RePaintKSampler", at=(4, 0), size=(320, 380), model=driven[0], seed=42, steps=50, cfg=7.5,
                     sampler_name="euler_ancestral", scheduler="normal", positive=control[0], negative=control[1],
                     latent_image=latents[0], denoise=1.0, jump_length=10, jump_n_sample=10,
                     resample_start=0.0, resample_end=0.5)
@@ -352,6 +393,7 @@ WORKFLOWS = {
     "masactrl_sd15": lambda: masactrl_synthesis("masactrl_sd15", "v1-5-pruned-emaonly.safetensors", 512, 10, "SD1.5"),
     "masactrl_sdxl": lambda: masactrl_synthesis("masactrl_sdxl", "sd_xl_base_1.0.safetensors", 1024, 44, "SDXL"),
     "consistent_character": lambda: consistent_character("consistent_character"),
+    "masactrl_real_image": lambda: masactrl_real_image("masactrl_real_image"),
     "repaint_inpaint": lambda: repaint("repaint_inpaint", outpaint=False),
     "repaint_outpaint": lambda: repaint("repaint_outpaint", outpaint=True),
 }
