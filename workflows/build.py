@@ -34,6 +34,7 @@ class NodeSpec:
     seed_widgets: tuple[str, ...] = ()  # INT widgets followed by a "control after generate" widget
     optional: tuple[str, ...] = ()
     extra_widgets: tuple[tuple[str, object], ...] = ()  # (input, value): a frontend-only widget after it
+    widget_defaults: tuple[tuple[str, object], ...] = ()  # (input, value): an optional widget left unset
 
 
 NODE_SPECS: dict[str, NodeSpec] = {
@@ -60,8 +61,13 @@ NODE_SPECS: dict[str, NodeSpec] = {
     "MasaCtrlAttentionPatch": NodeSpec(
         (("model", "MODEL"), ("start_step", "INT"), ("start_layer", "INT"), ("end_step", "INT"),
          ("end_layer", "INT"), ("mode", "COMBO"), ("source_index", "INT"), ("source_mask", "MASK"),
-         ("target_mask", "MASK")),
-        (("MODEL", "MODEL"),), "MasaCtrl Attention Patch", optional=("source_mask", "target_mask")),
+         ("target_mask", "MASK"), ("auto_mask", "BOOLEAN"), ("source_tokens", "STRING"), ("target_tokens", "STRING"),
+         ("mask_threshold", "FLOAT"), ("layers", "STRING")),
+        (("MODEL", "MODEL"),), "MasaCtrl Attention Patch",
+        optional=("source_mask", "target_mask", "auto_mask", "source_tokens", "target_tokens", "mask_threshold",
+                  "layers"),
+        widget_defaults=(("auto_mask", False), ("source_tokens", "1"), ("target_tokens", "1"),
+                         ("mask_threshold", 0.1), ("layers", ""))),
     "MasaCtrlConditioningBatch": NodeSpec(
         (("source", "CONDITIONING"), ("target", "CONDITIONING")), (("CONDITIONING", "CONDITIONING"),),
         "MasaCtrl Conditioning Batch"),
@@ -92,6 +98,13 @@ NODE_SPECS: dict[str, NodeSpec] = {
          ("feathering", "INT"), ("completion", "COMBO"), ("edits", "STRING"), ("pose", "POSE_KEYPOINT")),
         (("image", "IMAGE"), ("mask", "MASK"), ("pose_image", "IMAGE"), ("pose", "POSE_KEYPOINT")),
         "Pose Edit Outpaint", optional=("pose",)),
+    "CrossAttentionMask": NodeSpec(
+        (("model", "MODEL"), ("clip", "CLIP"), ("text", "STRING"), ("words", "STRING"), ("latent", "LATENT"),
+         ("noise_level", "FLOAT"), ("seed", "INT"), ("threshold", "FLOAT"), ("image", "IMAGE")),
+        (("mask", "MASK"), ("heatmap", "IMAGE")), "Cross Attention Mask", optional=("image",)),
+    "PromptTokenIndices": NodeSpec(
+        (("clip", "CLIP"), ("text", "STRING"), ("words", "STRING")), (("token_indices", "STRING"),),
+        "Prompt Token Indices"),
     "RePaintKSampler": NodeSpec(
         (("model", "MODEL"), ("seed", "INT"), ("steps", "INT"), ("cfg", "FLOAT"), ("sampler_name", "COMBO"),
          ("scheduler", "COMBO"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -159,10 +172,11 @@ class Graph:
         prompt = {}
         for node in self.nodes:
             inputs = {}
+            defaults = dict(node.spec.widget_defaults)  # the frontend sends every widget's value
             for name, _ in node.spec.inputs:
-                if name not in node.inputs:
+                if name not in node.inputs and name not in defaults:
                     continue
-                value = node.inputs[name]
+                value = node.inputs.get(name, defaults.get(name))
                 inputs[name] = [str(value[0].id), value[1]] if _is_link(value) else value
             prompt[str(node.id)] = {"inputs": inputs, "class_type": node.type, "_meta": {"title": node.title}}
         return prompt
@@ -187,9 +201,10 @@ class Graph:
                         "links": [link[0] for link in links if link[1] == node.id and link[2] == i]}
                        for i, (n, t) in enumerate(node.spec.outputs)]
             widgets = []
+            defaults = dict(node.spec.widget_defaults)
             for name, type_ in node.spec.inputs:
                 if type_ in WIDGET_TYPES:
-                    widgets.append(node.inputs[name])
+                    widgets.append(node.inputs[name] if name in node.inputs else defaults[name])
                     if name in node.spec.seed_widgets:
                         widgets.append("fixed")
                     widgets += [value for after, value in node.spec.extra_widgets if after == name]
@@ -312,7 +327,9 @@ def consistent_character(name: str) -> Graph:
     """(a) The consistent character graph: a cropped reference person is extended onto a taller canvas.
     PoseEditOutpaint pads it and completes its OpenPose skeleton; an openpose ControlNet shapes the
     new body; MasaCtrl (mask-guided: the new area reads the reference's pixels only) carries the
-    person's identity and clothing into the new area; RePaint harmonises it with the known part."""
+    person's identity and clothing into the new area; RePaint harmonises it with the known part.
+    The masks are automatic: the cross-attention maps of "woman" (token 5 of both prompts; Prompt
+    Token Indices gives such numbers from words) in the reference and in the target."""
     g = Graph(name, "Consistent character outpainting: the cropped reference person continues below the frame "
                     "in the completed (and editable) pose, keeping identity and clothing. Batch: the reference "
                     "(kept) then the outpainted target.")
@@ -339,10 +356,11 @@ def consistent_character(name: str) -> Graph:
                    negative=negative[0], latent=encode[0], steps=50, scheduler="normal", cfg=1.0, denoise=1.0)
     latents = g.add("MasaCtrlLatentBatch", at=(3, 0), size=(320, 170), source=invert[0], targets=1,
                     source_is_reference=True, share_noise=True, target=canvas[0], inverted=True)
-    known = g.add("InvertMask", "Reference area", at=(2, 4), size=(220, 30), mask=pose[1])
-    patch = g.add("MasaCtrlAttentionPatch", at=(3, 3), size=(320, 220), model=ckpt[0], start_step=4,
-                  start_layer=10, end_step=-1, end_layer=-1, mode="mutual", source_index=0, source_mask=known[0],
-                  target_mask=pose[1])
+    # mask-guided MasaCtrl with automatic masks: the person in the target reads the person in the
+    # reference, the background the background (maps of "woman", token 5 in both prompts)
+    patch = g.add("MasaCtrlAttentionPatch", at=(3, 3), size=(320, 330), model=ckpt[0], start_step=4,
+                  start_layer=10, end_step=-1, end_layer=-1, mode="mutual", source_index=0, auto_mask=True,
+                  source_tokens="5", target_tokens="5", mask_threshold=0.1, layers="")
     driven = g.add("MasaCtrlInvertedSource", at=(3, 11), size=(300, 60), model=patch[0], inverted=invert[0])
     sampler = g.add("RePaintKSampler", at=(4, 0), size=(320, 380), model=driven[0], seed=42, steps=50, cfg=7.5,
                     sampler_name="euler_ancestral", scheduler="normal", positive=control[0], negative=control[1],
@@ -350,6 +368,38 @@ def consistent_character(name: str) -> Graph:
                     resample_start=0.0, resample_end=0.5)
     decode = g.add("VAEDecode", at=(5, 0), size=(220, 50), samples=sampler[0], vae=ckpt[2])
     g.add("SaveImage", at=(5, 2), size=(420, 400), images=decode[0], filename_prefix=f"consistent-synthesis/{name}")
+    return g
+
+
+def word_inpaint(name: str) -> Graph:
+    """(d) The seed's "Cross Attention Map" method: an image is generated, CrossAttentionMask finds
+    where a word of its prompt ("hand") is from the UNet's cross-attention, and RePaint regenerates
+    that region with a refined prompt; everything else is kept."""
+    g = Graph(name, "Cross-attention inpainting: the mask of a word of the prompt (here 'hand') comes from the "
+                    "UNet's cross-attention maps, and RePaint regenerates only that region. The heatmap shows "
+                    "where the word attends.")
+    ckpt = g.add("CheckpointLoaderSimple", at=(0, 0), size=(320, 100), ckpt_name="v1-5-pruned-emaonly.safetensors")
+    text = "a photo of a woman waving her hand, city park in the background"
+    prompt = g.add("CLIPTextEncode", "Prompt", at=(1, 0), size=(360, 140), clip=ckpt[1], text=text)
+    negative = g.add("CLIPTextEncode", "Negative prompt", at=(1, 3), size=(360, 140), clip=ckpt[1], text=NEGATIVE)
+    empty = g.add("EmptyLatentImage", at=(1, 6), size=(320, 110), width=512, height=512, batch_size=1)
+    first = g.add("KSampler", "Generate", at=(2, 0), size=(320, 270), model=ckpt[0], seed=42, steps=30, cfg=7.5,
+                  sampler_name="euler", scheduler="normal", positive=prompt[0], negative=negative[0],
+                  latent_image=empty[0], denoise=1.0)
+    picture = g.add("VAEDecode", at=(2, 5), size=(220, 50), samples=first[0], vae=ckpt[2])
+    where = g.add("CrossAttentionMask", at=(3, 0), size=(340, 330), model=ckpt[0], clip=ckpt[1], text=text,
+                  words="hand", latent=first[0], noise_level=0.5, seed=0, threshold=0.3, image=picture[0])
+    g.add("SaveImage", "Heatmap of 'hand'", at=(3, 6), size=(320, 330), images=where[1],
+          filename_prefix=f"consistent-synthesis/{name}_heatmap")
+    masked = g.add("SetLatentNoiseMask", at=(4, 0), size=(240, 50), samples=first[0], mask=where[0])
+    refined = g.add("CLIPTextEncode", "Prompt for the masked region", at=(4, 2), size=(360, 140), clip=ckpt[1],
+                    text="a photo of a woman waving her hand, detailed hand with five fingers, city park")
+    sampler = g.add("RePaintKSampler", at=(5, 0), size=(320, 380), model=ckpt[0], seed=7, steps=50, cfg=7.5,
+                    sampler_name="euler_ancestral", scheduler="normal", positive=refined[0], negative=negative[0],
+                    latent_image=masked[0], denoise=1.0, jump_length=10, jump_n_sample=10,
+                    resample_start=0.0, resample_end=1.0)
+    decode = g.add("VAEDecode", at=(6, 0), size=(220, 50), samples=sampler[0], vae=ckpt[2])
+    g.add("SaveImage", at=(6, 2), size=(420, 400), images=decode[0], filename_prefix=f"consistent-synthesis/{name}")
     return g
 
 
@@ -396,6 +446,7 @@ WORKFLOWS = {
     "masactrl_real_image": lambda: masactrl_real_image("masactrl_real_image"),
     "repaint_inpaint": lambda: repaint("repaint_inpaint", outpaint=False),
     "repaint_outpaint": lambda: repaint("repaint_outpaint", outpaint=True),
+    "word_inpaint": lambda: word_inpaint("word_inpaint"),
 }
 
 
