@@ -70,8 +70,9 @@ def record_maps(model, conditioning, latent: torch.Tensor, noise_level: float, s
 
     noise = comfy.sample.prepare_noise(latent, seed)
     sigmas = torch.tensor([_sigma(model, noise_level), 0.0])
-    comfy.sample.sample_custom(patched, noise, 1.0, comfy.samplers.KSAMPLER(_one_call), sigmas,
-                               conditioning, conditioning, latent, disable_pbar=True, seed=seed)
+    with torch.no_grad():  # the server runs nodes without autograd; direct callers get the same
+        comfy.sample.sample_custom(patched, noise, 1.0, comfy.samplers.KSAMPLER(_one_call), sigmas,
+                                   conditioning, conditioning, latent, disable_pbar=True, seed=seed)
     return maps
 
 

@@ -100,6 +100,7 @@ def test_mask_and_heatmap_are_at_image_size(sd15):
     assert mask.shape == (2, 256, 256) and heat.shape == (2, 256, 256, 3)
     assert set(mask.unique().tolist()) == {0.0, 1.0}
     assert 0 <= heat.min() and heat.max() <= 1
+    assert not mask.requires_grad and not heat.requires_grad  # plain tensors, also outside the server
 
 
 def test_the_map_is_that_of_the_words_tokens_in_the_latent_over_4_layers_of_one_call(sd15):
