@@ -15,7 +15,6 @@ import comfy.sd1_clip  # noqa: E402
 import comfy.sdxl_clip  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
-from consistent_synthesis.attention import cross_attention as X  # noqa: E402
 from consistent_synthesis.nodes import cross_attention_mask as mask_node  # noqa: E402
 from consistent_synthesis.nodes.cross_attention_mask import CrossAttentionMask  # noqa: E402
 from consistent_synthesis.nodes.prompt_tokens import PromptTokenIndices  # noqa: E402
