@@ -10,9 +10,9 @@ import comfy.ldm.modules.attention as host_attention
 import comfy.patcher_extension
 from comfy_api.latest import io
 
-from ..attention import masactrl
+from ..attention import cross_attention, masactrl
 from ..samplers import step_clock
-from . import masactrl_dit
+from . import checks, cross_attention_maps, masactrl_dit
 from . import step_clock as clock_nodes
 from .unet_layers import LayerKey, attn1_module, self_attention_layers
 
@@ -64,6 +64,7 @@ class _RunState:
         self.maps_sum: torch.Tensor | None = None  # (latents, tokens, prompt tokens), summed over layers
         self.maps_count = 0
         self.auto_masks: dict = {}
+        self.selection: torch.Tensor | None = None  # (latents, prompt tokens): each row's chosen tokens
 
     def add_maps(self, rows: torch.Tensor, sigmas) -> None:
         if self.maps_sigmas is not sigmas:  # a new model evaluation: maps never carry over
@@ -123,9 +124,6 @@ class _LayerPatch:
     def _auto_masks(self, state: _RunState, extra_options: dict, dtype):
         """The official auto variant's masks at this layer: the conditional source and target rows'
         token maps (latent/4, averaged over the layers so far), nearest-resized, thresholded."""
-        from ..attention import cross_attention
-        from . import cross_attention_maps
-
         maps = state.maps(extra_options.get("sigmas"))
         if maps is None:
             return None  # no cross-attention map yet in this evaluation: plain mutual attention
@@ -136,11 +134,12 @@ class _LayerPatch:
             per_chunk, _, prompt = maps.shape
             for name in ("source_tokens", "target_tokens"):
                 cross_attention.check_token_indices(s[name], prompt, NODE, name)
-            rows = [s["target_tokens"]] * per_chunk
-            rows[s["source_index"]] = s["source_tokens"]
+            if state.selection is None or state.selection.shape != (per_chunk, prompt):
+                rows = [s["target_tokens"]] * per_chunk
+                rows[s["source_index"]] = s["source_tokens"]
+                state.selection = cross_attention.selection(rows, prompt, maps.device)
             map_h, map_w = cross_attention_maps.map_resolution(extra_options)
-            token_maps = cross_attention.token_map([maps], cross_attention.selection(rows, prompt, maps.device),
-                                                   map_h, map_w)
+            token_maps = cross_attention.token_map([maps], state.selection, map_h, map_w)
             binary = (masactrl.resize_mask(token_maps, h, w) >= s["mask_threshold"]).to(dtype)
             source = binary[s["source_index"]]
             target = masactrl._without_row(binary[None], s["source_index"])[0]
@@ -149,9 +148,7 @@ class _LayerPatch:
 
     def __call__(self, q, k, v, extra_options):
         s = self.settings
-        step = step_clock.current_step(extra_options)
-        active = step is not None and s["start_step"] <= step and (s["end_step"] < 0 or step < s["end_step"])
-        if not active:
+        if not step_clock.in_window(extra_options, s["start_step"], s["end_step"]):
             if self.previous is not None:
                 return self.previous(q, k, v, extra_options)
             return _host_attention(extra_options, self.preferred)(q, k, v, extra_options["n_heads"])
@@ -209,8 +206,6 @@ def _layer_list(text: str) -> list[int] | None:
 
 def _token_list(tokens, input_name: str) -> list[int]:
     """Token indices from the node's STRING ("1, 2") or from a list."""
-    from ..attention import cross_attention
-
     if isinstance(tokens, str):
         return cross_attention.parse_token_indices(tokens, NODE, input_name)
     return [int(t) for t in tokens]
@@ -344,13 +339,12 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = 10, end_step: 
         preferred = getattr(attn1_module(diffusion_model, key), "comfy_attention", None)
         patched.set_model_attn1_replace(_LayerPatch(settings, previous, attention, preferred), *key)
     if auto_mask:
-        from . import cross_attention_maps
-
         existing2 = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
         on_maps = _map_recorder(settings)
         for key in all_layers:
             previous = existing2.get(key, existing2.get(key[:2]))
-            patched.set_model_attn2_replace(cross_attention_maps.recording_attn2(on_maps, previous), *key)
+            preferred = getattr(cross_attention_maps.attn2_module(diffusion_model, key), "comfy_attention", None)
+            patched.set_model_attn2_replace(cross_attention_maps.recording_attn2(on_maps, previous, preferred), *key)
     clock_nodes.attach(patched)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                                  _outer_sample_wrapper(settings, count))
@@ -418,7 +412,6 @@ class MasaCtrlAttentionPatch(io.ComfyNode):
     def execute(cls, model, start_step, start_layer, end_step, end_layer, mode, source_index,
                 source_mask=None, target_mask=None, auto_mask=False, source_tokens="1", target_tokens="1",
                 mask_threshold=0.1, layers="") -> io.NodeOutput:
-        from . import checks
         checks.inputs(cls, locals())
         return io.NodeOutput(patch_model(
             model, start_step=start_step, start_layer=start_layer, end_step=end_step, end_layer=end_layer,

@@ -159,8 +159,7 @@ class _BlockPatch:
         run = extra["original_block"] if self.previous is None else (lambda a: self.previous(a, extra))
         options = args.get("transformer_options") or {}
         s = self.settings
-        step = step_clock.current_step(options)
-        if step is None or step < s["start_step"] or (0 <= s["end_step"] <= step):
+        if not step_clock.in_window(options, s["start_step"], s["end_step"]):
             return run(args)
         image_tokens = args["img"].shape[1]
         if self.single:  # Flux single blocks see [text; image] as one sequence

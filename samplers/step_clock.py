@@ -6,13 +6,16 @@ the device) stalls the host until the GPU drains, once per layer. A ``StepClock`
 the step as a Python int, advanced by the sampler's per-step callback, so no device tensor is
 read in the hot path.
 
-Step ``i`` of a run is its sigma interval ``(sigmas[i + 1], sigmas[i]]``: every evaluation a
-k-diffusion sampler makes inside its loop iteration ``i`` (heun's second call included) comes
-before ``callback({"i": i})``, so ``step = i + 1`` after that callback is exact. Samplers whose
-evaluations do not line up with their callbacks (UniPC evaluates at the end of its step,
-adaptive DPM chooses its own steps, unknown custom samplers) leave the clock "by sigma": the
-step is then read from the sigma once per evaluation, not once per layer. A sampler that runs
-its own loop over the run's levels (RePaint) sets ``step`` itself before each evaluation and
+Step ``i`` of a run is its sigma interval ``(sigmas[i + 1], sigmas[i]]``. A k-diffusion sampler
+evaluates at ``sigmas[i]`` and then calls ``callback({"i": i})``, so after that callback the clock
+says ``i + 1``: exact for samplers whose other evaluations sit at the next level (euler, heun,
+dpmpp_2m, ...). Samplers with midpoint evaluations after the callback (dpm_2, dpmpp_2s_ancestral,
+dpmpp_sde, ...) or evaluations two levels on (heunpp2) are within one step of the clock; where
+that step of doubt crosses the edge of a patch's window, ``in_window`` reads this evaluation's
+sigma once, and only there. Samplers whose evaluations do not follow their callbacks at all
+(UniPC evaluates at the end of its step, adaptive DPM chooses its own steps, unknown custom
+samplers) leave the clock "by sigma": the step is then read once per evaluation, not once per
+layer. A sampler that runs its own loop over the run's levels (RePaint) sets ``step`` itself and
 says so with a true ``drives_step_clock`` attribute.
 
 The clock is per run: a wrapper of the sampler's ``sample`` puts a fresh one into that run's
@@ -23,19 +26,32 @@ from __future__ import annotations
 
 KEY = "consistent_synthesis.step_clock"
 
-# k-diffusion samplers that evaluate only inside loop iteration i before callback i, but
-# do not take the run's sigmas as given: they choose their own levels.
+# k-diffusion samplers that choose their own levels instead of the run's sigmas.
 _UNALIGNED = frozenset({"sample_dpm_fast", "sample_dpm_adaptive"})
+# k-diffusion samplers whose every evaluation is at sigmas[i] before callback i or at
+# sigmas[i + 1] after it: the clock is exact for them.
+_EXACT = frozenset({
+    "sample_euler", "sample_euler_ancestral", "sample_euler_ancestral_RF", "sample_heun", "sample_lms",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_gpu", "sample_dpmpp_2m_sde_heun",
+    "sample_dpmpp_2m_sde_heun_gpu", "sample_dpmpp_3m_sde", "sample_dpmpp_3m_sde_gpu", "sample_lcm",
+    "sample_ddpm", "sample_ipndm", "sample_ipndm_v", "sample_deis", "sample_euler_cfg_pp",
+    "sample_euler_ancestral_cfg_pp", "sample_dpmpp_2m_cfg_pp", "sample_res_multistep",
+    "sample_res_multistep_cfg_pp", "sample_res_multistep_ancestral", "sample_res_multistep_ancestral_cfg_pp",
+    "sample_gradient_estimation", "sample_gradient_estimation_cfg_pp", "sample_er_sde",
+})
 
 
 class StepClock:
     """The current step of one sampling run; ``step is None`` means "read it from the sigma"."""
 
-    __slots__ = ("step", "by_sigma")
+    __slots__ = ("step", "by_sigma", "slack", "_sigmas", "_exact")
 
-    def __init__(self, by_sigma: bool = False):
+    def __init__(self, by_sigma: bool = False, slack: int = 0):
         self.by_sigma = by_sigma
+        self.slack = slack  # how far the true step of an evaluation may be from ``step``
         self.step: int | None = None if by_sigma else 0
+        self._sigmas = None  # the evaluation whose exact step was read (its sigmas tensor, held)
+        self._exact: int | None = None
 
     def __deepcopy__(self, memo):
         return self  # one clock per run, shared by every copy of that run's options
@@ -49,6 +65,11 @@ def step_from_sigma(sample_sigmas, sigma) -> int:
     """Step of an evaluation at ``sigma``: the fallback, which reads device tensors (one sync)."""
     inner = sample_sigmas[1:-1].float()
     return int((inner >= float(sigma) * (1 - 1e-5)).sum())
+
+
+def _exact_steps(sampler) -> bool:
+    function = getattr(sampler, "sampler_function", None)
+    return getattr(function, "__name__", "") in _EXACT
 
 
 def callback_aligned(sampler) -> bool:
@@ -66,9 +87,9 @@ def install(transformer_options: dict, sampler, callback):
     clock = transformer_options.get(KEY)
     if clock is None:
         if getattr(sampler, "drives_step_clock", False):
-            clock = StepClock()
+            clock = StepClock(slack=1)  # its inner sampler's steps are marked as above
         else:
-            clock = StepClock(by_sigma=not callback_aligned(sampler))
+            clock = StepClock(by_sigma=not callback_aligned(sampler), slack=0 if _exact_steps(sampler) else 1)
         transformer_options[KEY] = clock
         if clock.by_sigma or getattr(sampler, "drives_step_clock", False):
             return callback
@@ -87,6 +108,30 @@ def evaluation_started(transformer_options: dict, sigma) -> None:
     if clock is not None and clock.by_sigma:
         sample_sigmas = transformer_options.get("sample_sigmas")
         clock.step = None if sample_sigmas is None else step_from_sigma(sample_sigmas, sigma.max())
+
+
+def in_window(transformer_options: dict, start: int, end: int) -> bool:
+    """Whether this evaluation's step is in ``[start, end)`` (``end < 0``: to the last step).
+
+    Decided from the clock on the host; the sigma is read (once per evaluation) only when the
+    clock's step of doubt straddles an edge of the window. False outside sampling.
+    """
+    clock = transformer_options.get(KEY)
+    sample_sigmas = transformer_options.get("sample_sigmas")
+    if clock is not None and clock.step is not None and clock.slack and not clock.by_sigma \
+            and sample_sigmas is not None:
+        last = sample_sigmas.shape[-1] - 2  # host-side shape: the run's last step
+        candidates = {min(max(clock.step + d, 0), last) for d in range(-clock.slack, clock.slack + 1)}
+        inside = {start <= c and (end < 0 or c < end) for c in candidates}
+        if len(inside) == 1:
+            return inside.pop()
+        sigmas = transformer_options.get("sigmas")
+        if clock._sigmas is not sigmas:
+            clock._sigmas, clock._exact = sigmas, step_from_sigma(sample_sigmas, sigmas.max())
+        step = clock._exact
+    else:
+        step = current_step(transformer_options)
+    return step is not None and start <= step and (end < 0 or step < end)
 
 
 def current_step(transformer_options: dict) -> int | None:

@@ -117,3 +117,29 @@ def test_given_masks_are_resized_once_per_resolution_and_run(sd15, monkeypatch):
     calls.clear()
     _sample(model, "euler")
     assert len(calls) == 2 * 4  # a new run starts afresh: nothing kept from the last prompt
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm_2", "dpmpp_2s_ancestral", "heunpp2", "dpmpp_sde",
+                                     "uni_pc"])
+def test_window_follows_the_sigma_of_every_evaluation(sd15, sampler, monkeypatch):
+    # The clock decides the window on the host; for samplers with midpoint evaluations it reads the
+    # sigma at the window's edges. Either way every layer call agrees with the sigma rule.
+    from consistent_synthesis.samplers import step_clock
+
+    decisions = []
+    original = step_clock.in_window
+
+    def checked(options, start, end):
+        inside = original(options, start, end)
+        step = step_clock.step_from_sigma(options["sample_sigmas"], options["sigmas"].max())
+        decisions.append((inside, start <= step and (end < 0 or step < end)))
+        return inside
+
+    monkeypatch.setattr(step_clock, "in_window", checked)
+    latent = torch.zeros(LATENT)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    comfy.sample.sample(patch_model(sd15, start_step=2, end_step=4, start_layer=12), noise, 6, 5.0, sampler,
+                        "normal", tm.conditioning("sd15"), tm.conditioning("sd15", seed=1), latent,
+                        disable_pbar=True, seed=0)
+    assert decisions and all(inside == expected for inside, expected in decisions)
+    assert any(inside for inside, _ in decisions) and not all(inside for inside, _ in decisions)
