@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .masactrl import check_rows
+
 MODES = ("mutual", "union")
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -39,17 +41,6 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     """Softmax attention on ``(b, heads, n, d)`` tensors, returned as ``(b, n, heads * d)``."""
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).flatten(2)
-
-
-def _check(batch: int, chunks: int, source_index: int) -> int:
-    if chunks < 1 or batch % chunks:
-        raise ValueError(f"batch of {batch} cannot be split into {chunks} cond/uncond chunks")
-    per_chunk = batch // chunks
-    if not 0 <= source_index < per_chunk:
-        raise ValueError(f"source_index {source_index} is outside a latent batch of {per_chunk}")
-    if per_chunk < 2:
-        raise ValueError("the latent batch holds only the source: MasaCtrl needs at least one target")
-    return per_chunk
 
 
 def _source_image(t: torch.Tensor, chunks: int, per_chunk: int, source_index: int, image_start: int) -> torch.Tensor:
@@ -80,7 +71,7 @@ def joint_mutual_attention(
     batch, _, tokens, _ = q.shape
     if not 0 <= image_start < tokens:
         raise ValueError(f"image tokens start at {image_start}, outside a sequence of {tokens}")
-    per_chunk = _check(batch, chunks, source_index)
+    per_chunk = check_rows(batch, chunks, source_index)
     shape = (chunks, per_chunk) + tuple(k.shape[1:])
 
     if mode == "mutual":
@@ -121,7 +112,7 @@ def reference_joint_attention(q, k, v, *, image_start: int, chunks: int, source_
                               mode: str = "mutual") -> torch.Tensor:
     """The same result row by row with the logits materialized: the tests' and benchmarks' reference."""
     batch, heads, tokens, d = q.shape
-    per_chunk = _check(batch, chunks, source_index)
+    per_chunk = check_rows(batch, chunks, source_index)
     rows = []
     for b in range(batch):
         src = (b // per_chunk) * per_chunk + source_index

@@ -44,7 +44,8 @@ def main() -> None:
     import tiny_models as tm
     from consistent_synthesis.nodes import inversion as N
     from consistent_synthesis.nodes.masactrl_batch import latent_batch
-    from repaint_bench import host_syncs, timed
+    from repaint_bench import timed
+    from sync_counter import count_host_syncs
 
     device = comfy.model_management.get_torch_device()
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
@@ -84,9 +85,9 @@ def main() -> None:
     driven_edit = best(lambda: sample(driven, batch, 7.5)) / steps
     print(f"2. {'run (source + 1 target, cfg 7.5)':<40} {'ms/step':>9} {'x plain':>11} {'syncs':>6}")
     print(f"   {'KSampler euler':<40} {plain_edit * 1e3:9.1f} {1.0:11.2f} "
-          f"{host_syncs(lambda: sample(model, batch, 7.5), device):6d}")
+          f"{count_host_syncs(lambda: sample(model, batch, 7.5), device):6d}")
     print(f"   {'with MasaCtrl Inverted Source':<40} {driven_edit * 1e3:9.1f} {driven_edit / plain_edit:11.2f} "
-          f"{host_syncs(lambda: sample(driven, batch, 7.5), device):6d}")
+          f"{count_host_syncs(lambda: sample(driven, batch, 7.5), device):6d}")
 
 
 if __name__ == "__main__":

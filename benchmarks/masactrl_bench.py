@@ -94,6 +94,7 @@ def main() -> None:
     import tiny_models as tm
     from consistent_synthesis.attention.masactrl import naive_attention
     from consistent_synthesis.nodes.masactrl import patch_model
+    from sync_counter import count_host_syncs
 
     device = comfy.model_management.get_torch_device()
     dtype = torch.float16 if args.fp16 else torch.float32
@@ -139,7 +140,7 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
-        results[name] = (min(times), mem.mib, out, count_syncs(device, lambda: run(m)))
+        results[name] = (min(times), mem.mib, out, count_host_syncs(lambda: run(m), device))
 
     base_time, base_mem, _, _ = results["unpatched"]
     print(f"{kind} on {device}, {dtype}, {args.size}px, batch {batch} (1 source + {args.targets} targets) x "
@@ -152,26 +153,6 @@ def main() -> None:
         diff = (results["mutual"][2] - results["naive"][2]).abs().max().item()
         print(f"max |mutual - naive| over the output latents: {diff:.2e}")
     layer_table(device, dtype, args.size, batch, args.repeats)
-
-
-def count_syncs(device, fn) -> int:
-    """Host synchronisations during ``fn()``: CUDA's sync debug warnings, or the CPU-side counter."""
-    if device.type == "cuda":
-        import warnings
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode(1)
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        return sum("synchroniz" in str(w.message) for w in caught)
-    from sync_counter import HostSyncCounter
-
-    with HostSyncCounter() as counter:
-        fn()
-    return counter.total
 
 
 def layer_table(device, dtype, size: int, batch: int, repeats: int) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import host  # noqa: E402
+from sync_counter import count_host_syncs  # noqa: E402
 
 
 def timed(fn):
@@ -36,25 +36,6 @@ def timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return out, time.perf_counter() - start
-
-
-def host_syncs(fn, device) -> int:
-    """Host synchronisations during ``fn()``: CUDA's own count where there is a GPU, else the CPU counter."""
-    if getattr(device, "type", str(device)) == "cuda":
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        return sum("synchroniz" in str(w.message) for w in caught)
-    from sync_counter import HostSyncCounter
-
-    with HostSyncCounter() as counter:
-        fn()
-    return counter.total
 
 
 def main() -> None:
@@ -136,7 +117,7 @@ def main() -> None:
             _, t = timed(run)
             evals = len(counter)
             per_eval[name] = t / evals
-            syncs = host_syncs(run, device)
+            syncs = count_host_syncs(run, device)
             print(f"{name:<44} {evals:6d} {evals / base_evals:8.2f} {t:8.2f} {t / base:7.2f} "
                   f"{t / evals * 1e3:8.2f} {syncs:6d}")
         stock = per_eval[f"ComfyUI masked KSampler, {jumped} steps"]

@@ -14,7 +14,7 @@ import torch
 import comfy.ldm.modules.attention as host_attention
 
 from ..attention.cross_attention import token_attention
-from .unet_layers import LayerKey, _groups, self_attention_layers
+from .unet_layers import LayerKey, self_attention_layers, transformer_block
 
 OnMaps = Callable[[torch.Tensor, dict], None]
 
@@ -38,13 +38,7 @@ def cross_attention_layers(diffusion_model) -> list[LayerKey]:
 
 def attn2_module(diffusion_model, key: LayerKey):
     """The cross-attention module of layer ``key`` (from ``cross_attention_layers``)."""
-    name, block_id, index = key
-    blocks = dict(_groups(diffusion_model))[name]
-    for module in blocks[block_id]:
-        transformer_blocks = getattr(module, "transformer_blocks", None)
-        if transformer_blocks is not None:
-            return transformer_blocks[index].attn2
-    raise KeyError(key)
+    return transformer_block(diffusion_model, key).attn2
 
 
 class _RecordingAttn2:

@@ -13,15 +13,20 @@ def _groups(diffusion_model):
     )
 
 
-def attn1_module(diffusion_model, key: LayerKey):
-    """The self-attention module of layer ``key`` (from ``self_attention_layers``)."""
+def transformer_block(diffusion_model, key: LayerKey):
+    """The transformer block (its ``attn1`` and ``attn2``) of layer ``key`` (from ``self_attention_layers``)."""
     name, block_id, index = key
     blocks = dict(_groups(diffusion_model))[name]
     for module in blocks[block_id]:
         transformer_blocks = getattr(module, "transformer_blocks", None)
         if transformer_blocks is not None:
-            return transformer_blocks[index].attn1
+            return transformer_blocks[index]
     raise KeyError(key)
+
+
+def attn1_module(diffusion_model, key: LayerKey):
+    """The self-attention module of layer ``key``."""
+    return transformer_block(diffusion_model, key).attn1
 
 
 def self_attention_layers(diffusion_model) -> list[LayerKey]:

@@ -64,3 +64,22 @@ class HostSyncCounter(TorchDispatchMode):
 
     def report(self, limit: int = 12) -> str:
         return "; ".join(f"{n}x {w}" for w, n in self.where.most_common(limit))
+
+
+def count_host_syncs(fn, device) -> int:
+    """Host synchronisations during ``fn()``: CUDA's own sync-debug count on a GPU, else this counter."""
+    if getattr(device, "type", str(device)) == "cuda":
+        import warnings
+
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message) for w in caught)
+    with HostSyncCounter() as counter:
+        fn()
+    return counter.total
