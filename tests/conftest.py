@@ -66,12 +66,24 @@ def pytest_terminal_summary(terminalreporter):
             "They prove nothing until a host is installed.", red=True, bold=True)
 
 
+SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
-    """A real ComfyUI server (``main.py --cpu`` on loopback) with the pack installed, for the session."""
+    """A real ComfyUI server (``main.py --cpu`` on loopback) with the pack installed, for the session.
+
+    Its checkpoints include ``SD15_CHECKPOINT``, the random-weight SD1.5 stand-in of
+    ``runner.random_models`` (built once, then cached outside the repository).
+    """
     from live_server import ComfyServer
 
-    server = ComfyServer(require_host(), tmp_path_factory.mktemp("comfyui"), cpu=True).start()
+    host = require_host()
+    from consistent_synthesis.runner import random_models
+
+    random_models.ensure("checkpoints", SD15_CHECKPOINT)
+    server = ComfyServer(host, tmp_path_factory.mktemp("comfyui"), model_roots=[random_models.cache_dir()],
+                         cpu=True).start()
     yield server
     server.stop()
 
