@@ -4,7 +4,7 @@ JSON. Each must be refused, either by the server's validation (HTTP 400 from /pr
 naming our node and the input) or by our node before any work (an execution error whose message
 names the node and the input). After each group of hostile prompts, the valid prompt gives the
 same images as its first run on this server; and the server's state stays clean: repeated,
-concurrent and interrupted runs.
+concurrent and interrupted runs, and memory over ten runs.
 
 One server for the module (``comfy_server``, random SD1.5 stand-in), 64x64 images, 1-2 steps.
 
@@ -198,6 +198,11 @@ def run(server, prompt: dict) -> dict[str, np.ndarray]:
     entry = wait(server, queue(server, prompt))
     assert entry["status"]["status_str"] == "success", f"{messages(entry)}\n{server.log()[-4000:]}"
     return images(server, entry)
+
+
+def rss_kib(server) -> int:
+    with open(f"/proc/{server.process.pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 _K = iter(range(1, 900))
@@ -546,3 +551,20 @@ def test_interrupting_a_repaint_run_leaves_the_server_healthy(server, reference)
     assert server.get("/queue") == {"queue_running": [], "queue_pending": []}
     assert_same_as_reference(server, reference, ["save_repaint"])
 
+
+RSS_GROWTH_BOUND_MIB = 64
+
+
+def test_ten_runs_of_one_prompt_do_not_grow_the_servers_memory(server, measured):
+    prompt = only(full_prompt(), ["save_masactrl"])
+    run(server, fresh(prompt, next(_K)))  # warm: every node has run once with this prompt's shapes
+    before = rss_kib(server)
+    rss = []
+    for _ in range(10):
+        run(server, fresh(prompt, next(_K)))
+        rss.append(rss_kib(server))
+    growth = (rss[-1] - before) / 1024
+    shown = ", ".join(f"{r / 1024:.0f}" for r in rss)
+    measured(f"server RSS {before / 1024:.0f} MiB after a warm-up run, then {shown} MiB over ten runs: "
+             f"{growth:+.1f} MiB (bound {RSS_GROWTH_BOUND_MIB} MiB)")
+    assert growth < RSS_GROWTH_BOUND_MIB
