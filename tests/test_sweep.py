@@ -136,13 +136,13 @@ def _node(prompt, class_type):
     return next(i for i, n in prompt.items() if n["class_type"] == class_type)
 
 
-def test_the_mask_patched_masactrl_reference_drops_the_mask_nodes_and_repaint_gets_its_mask_saved():
-    patch, invert, sampler = (_node(CHARACTER, c) for c in ("MasaCtrlAttentionPatch", "InvertMask", "RePaintKSampler"))
+def test_the_masactrl_reference_drops_the_patch_and_repaint_gets_its_mask_saved():
+    patch, sampler = (_node(CHARACTER, c) for c in ("MasaCtrlAttentionPatch", "RePaintKSampler"))
     mask = CHARACTER[_node(CHARACTER, "SetLatentNoiseMask")]["inputs"]["mask"]
     axes = sweep.parse_axes(CHARACTER, ["start_step=0,4"])
     cells, references = sweep.make_cells(CHARACTER, axes, "consistent_character")
     off = references[0].prompt
-    assert patch not in off and invert not in off  # the patch and the Invert Mask that only fed it
+    assert patch not in off
     assert not any(v == [patch, 0] for n in off.values() for v in n["inputs"].values())
     assert ["1", 0] in [v for n in off.values() for v in n["inputs"].values()]  # the checkpoint's model is read
     assert sampler in off
