@@ -36,6 +36,16 @@ def error(node: str, name: str, message: str) -> ValueError:
     return ValueError(f"{node}: input '{name}': {message}")
 
 
+def masactrl_batch(node: str, batch: int, source_index: int) -> None:
+    """A MasaCtrl latent batch needs a target next to the source, and the source inside it."""
+    if batch < 2:
+        raise error(node, "model", "the latent batch holds one image, so there is no target to control. Put the "
+                    "source and its targets in one batch (MasaCtrl Latent Batch, MasaCtrl Conditioning Batch).")
+    if source_index >= batch:
+        raise error(node, "source_index", f"{source_index} is outside the latent batch of {batch}; "
+                    f"use 0 to {batch - 1}.")
+
+
 def _type_name(value) -> str:
     return type(value).__name__
 

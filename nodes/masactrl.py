@@ -214,12 +214,7 @@ def _token_list(tokens, input_name: str) -> list[int]:
 def _check_latent(settings: dict, latent: torch.Tensor) -> None:
     """Reject a batch that MasaCtrl cannot use before any step is computed."""
     batch = latent.shape[0]
-    if batch < 2:
-        raise _error("model", "the latent batch holds one image, so there is no target to control. Put the "
-                     "source and its targets in one batch (MasaCtrl Latent Batch, MasaCtrl Conditioning Batch).")
-    if settings["source_index"] >= batch:
-        raise _error("source_index", f"{settings['source_index']} is outside the latent batch of {batch}; "
-                     f"use 0 to {batch - 1}.")
+    checks.masactrl_batch(NODE, batch, settings["source_index"])
     lh, lw = latent.shape[-2:]
     for name in ("source_mask", "target_mask"):
         mask = settings[name]

@@ -29,6 +29,7 @@ import comfy.patcher_extension
 
 from ..attention import joint_attention
 from ..samplers import step_clock
+from . import checks
 from . import step_clock as clock_nodes
 
 NODE = "MasaCtrlAttentionPatch"
@@ -185,13 +186,7 @@ def _record_text_tokens(executor, x, timestep, context, *args, **kwargs):
 def _outer_sample_wrapper(settings: dict, layers: list[int], count: int):
     def wrapper(executor, *args, **kwargs):
         latent, sigmas = args[1], args[3]
-        batch = latent.shape[0]
-        if batch < 2:
-            raise _error("model", "the latent batch holds one image, so there is no target to control. Put the "
-                         "source and its targets in one batch (MasaCtrl Latent Batch, MasaCtrl Conditioning Batch).")
-        if settings["source_index"] >= batch:
-            raise _error("source_index", f"{settings['source_index']} is outside the latent batch of {batch}; "
-                         f"use 0 to {batch - 1}.")
+        checks.masactrl_batch(NODE, latent.shape[0], settings["source_index"])
         steps = len(sigmas) - 1
         end_step = steps if settings["end_step"] < 0 else min(settings["end_step"], steps)
         if settings["start_step"] >= end_step or not layers:
