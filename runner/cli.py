@@ -108,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
                                  + f" (looked in {host / 'models'}); see the README for where to get them.")
             activate(host)
             roots.append(_build_random(missing))
+            from . import random_models
+
+            prompt = random_models.fit_to_stand_ins(prompt, missing)
         with LocalServer(host, model_roots=roots, cpu=args.cpu) as server:
             try:
                 result = client.run_prompt(server.url, prompt, out, args.timeout)

@@ -66,6 +66,21 @@ KNOWN_FILES = {
     "body_pose_model.pth": ("openpose", "openpose_detector"),
     "hand_pose_model.pth": ("openpose", "openpose_detector"),
     "facenet.pth": ("openpose", "openpose_detector"),
+    # FLUX.1-dev as ComfyUI's Flux examples load it: diffusion model, two text encoders, autoencoder.
+    # The diffusion model is a REDUCED-DEPTH stand-in (see FLUX_STAND_IN_DEPTH); the rest is full size.
+    "flux1-dev.safetensors": ("diffusion_models", "flux_reduced"),
+    "clip_l.safetensors": ("text_encoders", "clip_l"),
+    "t5xxl_fp8_e4m3fn.safetensors": ("text_encoders", "t5xxl_fp8"),
+    "ae.safetensors": ("vae", "flux_vae"),
+}
+# FLUX.1-dev has 19 double + 38 single blocks of width 3072 (12 B parameters, 24 GB in bf16), more than
+# a 24 GB CPU machine can hold next to T5-XXL; ComfyUI fixes the width and counts the blocks from the
+# file, so the stand-in keeps every block's real shape and has fewer of them (1.3 B parameters).
+FLUX_STAND_IN_DEPTH = {"depth": 2, "depth_single_blocks": 4}
+FLUX_DEV_CONFIG = {
+    "image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
+    "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
+    "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True,
 }
 RANDOM_MARK = "RANDOM_WEIGHTS.txt"  # beside random .pth files, which carry no metadata
 
@@ -80,6 +95,9 @@ def guess_kind(folder: str, name: str) -> str:
     """The random model to stand in for a file a workflow names (by known name, else by its name)."""
     if name in KNOWN_FILES:
         return KNOWN_FILES[name][1]
+    if folder in ("diffusion_models", "unet", "text_encoders", "clip", "vae"):
+        raise ValueError(f"no random stand-in for {folder}/{name!r}; known: "
+                         + ", ".join(n for n, (f, _) in KNOWN_FILES.items() if f == folder))
     if folder == "openpose":
         raise ValueError(f"no random stand-in for {name!r}; the OpenPose detector files are "
                          "body_pose_model.pth, hand_pose_model.pth and facenet.pth")
@@ -137,17 +155,101 @@ def controlnet_layout() -> dict[str, torch.Tensor]:
     return {f"control_model.{k}": v for k, v in control.state_dict().items()}
 
 
+def stand_in_layers(layers: list[int]) -> list[int]:
+    """FLUX.1-dev block numbers moved onto the reduced-depth stand-in: each block to the block of its
+    kind (double or single) at the same relative depth, so a published block set still patches both kinds."""
+    depth, single = FLUX_DEV_CONFIG["depth"], FLUX_DEV_CONFIG["depth_single_blocks"]
+    small_depth, small_single = FLUX_STAND_IN_DEPTH["depth"], FLUX_STAND_IN_DEPTH["depth_single_blocks"]
+    return sorted({i * small_depth // depth if i < depth else small_depth + (i - depth) * small_single // single
+                   for i in layers})
+
+
+def fit_to_stand_ins(prompt: dict, built: list) -> dict:
+    """``prompt`` with MasaCtrl block lists moved onto the reduced-depth Flux stand-in, when ``built``
+    (the model refs given random stand-ins) holds one; every change is logged."""
+    if not any(guess_kind(r.folder, r.name) == "flux_reduced" for r in built):
+        return prompt
+    prompt = json.loads(json.dumps(prompt))
+    for node_id, node in prompt.items():
+        text = node.get("inputs", {}).get("layers")
+        if node.get("class_type") != "MasaCtrlAttentionPatch" or not isinstance(text, str) or not text.strip():
+            continue
+        moved = ",".join(map(str, stand_in_layers([int(t) for t in text.split(",") if t.strip()])))
+        logging.warning("REDUCED-DEPTH Flux stand-in: node %s layers %s -> %s (its %d double + %d single blocks).",
+                        node_id, text, moved, FLUX_STAND_IN_DEPTH["depth"], FLUX_STAND_IN_DEPTH["depth_single_blocks"])
+        node["inputs"]["layers"] = moved
+    return prompt
+
+
+# Flux parameters that newer hosts' detection adds (FLUX.1 values); given only where the host has them.
+_NEWER_FLUX_PARAMS = {"txt_ids_dims": [], "yak_mlp": False, "txt_norm": False}
+
+
+def flux_config(depth: dict | None = None) -> dict:
+    """The Flux configuration the host detects from FLUX.1-dev (``depth``: other block counts)."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return FLUX_DEV_CONFIG | (depth or {}) | {k: v for k, v in _NEWER_FLUX_PARAMS.items() if k in fields}
+
+
+def flux_layout() -> dict[str, torch.Tensor]:
+    """Meta tensors of the reduced-depth FLUX.1-dev stand-in, keyed as ``diffusion_models/`` files are."""
+    import comfy.model_detection
+
+    config = comfy.model_detection.model_config_from_unet_config(flux_config(FLUX_STAND_IN_DEPTH))
+    with torch.device("meta"):
+        model = config.get_model({}, device="meta")
+    return model.diffusion_model.state_dict()
+
+
+def text_encoder_layout(kind: str) -> dict[str, torch.Tensor]:
+    """Meta tensors of a stand-alone text encoder file: CLIP-L (fp16) or T5-XXL (fp8 e4m3, as
+    ``t5xxl_fp8_e4m3fn.safetensors``; ComfyUI keeps the weights in the file's dtype)."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.sd3_clip
+
+    with torch.device("meta"):
+        if kind == "clip_l":
+            encoder = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16)
+        else:
+            encoder = comfy.text_encoders.sd3_clip.T5XXLModel(device="meta", dtype=torch.float8_e4m3fn)
+    return encoder.transformer.state_dict()
+
+
+def flux_vae_layout() -> dict[str, torch.Tensor]:
+    """Meta tensors of FLUX.1's autoencoder (16 latent channels, no quant convs), as ``ae.safetensors``."""
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    ddconfig = dict(_VAE_CONFIG, z_channels=16)
+    with torch.device("meta"):
+        vae = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+    return vae.state_dict()
+
+
 def layout(kind: str) -> dict[str, torch.Tensor]:
     if kind == "controlnet_sd15":
         return controlnet_layout()
     if kind in UNET_CONFIGS:
         return checkpoint_layout(kind)
-    raise ValueError(f"unknown random model kind {kind!r}; known: sd15, sdxl, controlnet_sd15")
+    if kind == "flux_reduced":
+        return flux_layout()
+    if kind in ("clip_l", "t5xxl_fp8"):
+        return text_encoder_layout(kind)
+    if kind == "flux_vae":
+        return flux_vae_layout()
+    raise ValueError(f"unknown random model kind {kind!r}; known: sd15, sdxl, controlnet_sd15, flux_reduced, "
+                     "clip_l, t5xxl_fp8, flux_vae")
 
 
 def _random_tensor(key: str, meta: torch.Tensor, seed: int) -> torch.Tensor:
     """Fan-in scaled normal weights and unit norm scales, so activations stay O(1) through the model."""
-    if meta.ndim == 1 and key.endswith(".weight"):  # every 1-D weight is a GroupNorm/LayerNorm scale
+    if meta.ndim == 1 and key.endswith((".weight", ".scale")):  # 1-D weights and scales are norm scales
         return torch.ones(meta.shape, dtype=torch.float16)
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
@@ -155,17 +257,22 @@ def _random_tensor(key: str, meta: torch.Tensor, seed: int) -> torch.Tensor:
     return (torch.randn(meta.shape, generator=gen) * scale).to(torch.float16)
 
 
+_FILE_DTYPES = {torch.float8_e4m3fn: "F8_E4M3"}  # meta tensors of these dtypes are written so; the rest fp16
+
+
 def write_random_safetensors(path: Path, shapes: dict[str, torch.Tensor], seed: int = 0,
                              metadata: dict | None = None) -> None:
-    """Stream random fp16 tensors of the given shapes into a safetensors file, one tensor in memory.
+    """Stream random fp16 (or fp8, where the meta tensor is fp8) tensors of the given shapes into a
+    safetensors file, one tensor in memory.
 
     The safetensors format: an 8-byte little-endian header length, a JSON header with each
     tensor's dtype, shape and byte range, then the raw little-endian data in that order.
     """
     header, offset = {}, 0
     for key, meta in shapes.items():
-        size = meta.numel() * 2
-        header[key] = {"dtype": "F16", "shape": list(meta.shape), "data_offsets": [offset, offset + size]}
+        dtype = _FILE_DTYPES.get(meta.dtype, "F16")
+        size = meta.numel() * (1 if dtype == "F8_E4M3" else 2)
+        header[key] = {"dtype": dtype, "shape": list(meta.shape), "data_offsets": [offset, offset + size]}
         offset += size
     header["__metadata__"] = {k: str(v) for k, v in (metadata or {}).items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -177,7 +284,10 @@ def write_random_safetensors(path: Path, shapes: dict[str, torch.Tensor], seed: 
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
             for key, meta in shapes.items():
-                f.write(_random_tensor(key, meta, seed).contiguous().numpy().tobytes())
+                tensor = _random_tensor(key, meta, seed)
+                if meta.dtype in _FILE_DTYPES:
+                    tensor = tensor.to(meta.dtype).view(torch.uint8)
+                f.write(tensor.contiguous().numpy().tobytes())
         os.replace(partial, path)  # atomic: a concurrent run sees the whole file or none
     finally:
         partial.unlink(missing_ok=True)

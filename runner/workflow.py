@@ -19,6 +19,8 @@ MODEL_INPUTS = {
     "lora_name": "loras",
     "unet_name": "diffusion_models",
     "clip_name": "text_encoders",
+    "clip_name1": "text_encoders",
+    "clip_name2": "text_encoders",
 }
 
 # Inputs that set the pixel size of what is generated, and those that set the sampling steps.
