@@ -164,6 +164,12 @@ def test_workflow_runs_and_returns_images_of_the_requested_size(path, server, tm
     if _is_sdxl(prompt) and os.environ.get("CS_E2E_SKIP_SDXL") == "1":
         pytest.skip("SDXL end-to-end skipped by CS_E2E_SKIP_SDXL=1 (needs about 20 GB of RAM on the CPU)")
     prompt = workflow.override(prompt, width=WIDTH, height=HEIGHT, steps=STEPS)
+    # every model here is a random stand-in; FLUX.1's block list is moved onto the reduced-depth one
+    prompt = random_models.fit_to_stand_ins(prompt, workflow.model_refs(prompt))
+    for node in prompt.values():  # 2 steps: MasaCtrl starts at the last one instead of after the run
+        if node["class_type"] == "MasaCtrlAttentionPatch":
+            node["inputs"]["start_step"] = min(node["inputs"]["start_step"], STEPS - 1)
+    log_start = len(server.log())
     try:
         result = client.run_prompt(server.url, prompt, tmp_path, timeout=900)
     except (client.PromptFailed, client.PromptRejected) as e:
@@ -182,6 +188,13 @@ def test_workflow_runs_and_returns_images_of_the_requested_size(path, server, tm
     batch = [n["inputs"]["targets"] + 1 for n in prompt.values() if n["class_type"] == "MasaCtrlLatentBatch"]
     if batch:
         assert len(images) == batch[0] * len(savers)
+    patches = [n["inputs"] for n in prompt.values() if n["class_type"] == "MasaCtrlAttentionPatch"]
+    if patches:  # the patch said what it patched in this run (UNet layers, or Flux blocks by number)
+        log = server.log()[log_start:]
+        assert "MasaCtrlAttentionPatch: mutual" in log and "nothing is patched" not in log, log[-3000:]
+        if any(random_models.guess_kind(r.folder, r.name) == "flux_reduced" for r in workflow.model_refs(prompt)):
+            blocks = sum(random_models.FLUX_STAND_IN_DEPTH.values())
+            assert f"joint attention on steps 0-1 of {STEPS}, blocks {patches[0]['layers']} of {blocks}." in log, log[-3000:]
 
 
 def _masactrl_prompt() -> tuple[dict, str]:

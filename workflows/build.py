@@ -58,6 +58,18 @@ NODE_SPECS: dict[str, NodeSpec] = {
          ("image", "IMAGE"), ("strength", "FLOAT"), ("start_percent", "FLOAT"), ("end_percent", "FLOAT"),
          ("vae", "VAE")),
         (("positive", "CONDITIONING"), ("negative", "CONDITIONING")), "Apply ControlNet", optional=("vae",)),
+    "UNETLoader": NodeSpec((("unet_name", "COMBO"), ("weight_dtype", "COMBO")), (("MODEL", "MODEL"),),
+                           "Load Diffusion Model"),
+    "DualCLIPLoader": NodeSpec(
+        (("clip_name1", "COMBO"), ("clip_name2", "COMBO"), ("type", "COMBO"), ("device", "COMBO")),
+        (("CLIP", "CLIP"),), "DualCLIPLoader", optional=("device",), widget_defaults=(("device", "default"),)),
+    "VAELoader": NodeSpec((("vae_name", "COMBO"),), (("VAE", "VAE"),), "Load VAE"),
+    "FluxGuidance": NodeSpec((("conditioning", "CONDITIONING"), ("guidance", "FLOAT")),
+                             (("CONDITIONING", "CONDITIONING"),), "FluxGuidance"),
+    "ConditioningZeroOut": NodeSpec((("conditioning", "CONDITIONING"),), (("CONDITIONING", "CONDITIONING"),),
+                                    "ConditioningZeroOut"),
+    "EmptySD3LatentImage": NodeSpec(
+        (("width", "INT"), ("height", "INT"), ("batch_size", "INT")), (("LATENT", "LATENT"),), "EmptySD3LatentImage"),
     "MasaCtrlAttentionPatch": NodeSpec(
         (("model", "MODEL"), ("start_step", "INT"), ("start_layer", "INT"), ("end_step", "INT"),
          ("end_layer", "INT"), ("mode", "COMBO"), ("source_index", "INT"), ("source_mask", "MASK"),
@@ -124,6 +136,14 @@ MODEL_FILES = {
     "control_v11p_sd15_openpose_fp16.safetensors": (
         "controlnet", "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
                       "control_v11p_sd15_openpose_fp16.safetensors"),
+    "flux1-dev.safetensors": (
+        "diffusion_models", "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors"),
+    "clip_l.safetensors": (
+        "text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"),
+    "t5xxl_fp8_e4m3fn.safetensors": (
+        "text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/"
+                         "t5xxl_fp8_e4m3fn.safetensors"),
+    "ae.safetensors": ("vae", "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors"),
 }
 
 COLUMN, ROW = 380, 60  # layout grid in canvas pixels
@@ -256,6 +276,43 @@ def masactrl_synthesis(name: str, checkpoint: str, size: int, start_layer: int, 
                     sampler_name="ddim", scheduler="ddim_uniform", positive=batch[0], negative=negative[0],
                     latent_image=latents[0], denoise=1.0)
     decode = g.add("VAEDecode", at=(4, 0), size=(220, 50), samples=sampler[0], vae=ckpt[2])
+    g.add("SaveImage", at=(4, 2), size=(420, 300), images=decode[0], filename_prefix=f"consistent-synthesis/{name}")
+    return g
+
+
+# FreeFlux (Wei et al., 2025), official non-rigid editing: FLUX.1-dev blocks whose output depends on content
+# (double blocks 0-18, then single blocks 19-56), injected at every step; nodes/masactrl_dit.py cites both sets.
+FREEFLUX_LAYERS = "0,7,8,9,10,18,25,28,37,42,45,50,56"
+
+
+def masactrl_flux(name: str) -> Graph:
+    """(b'') MasaCtrl on FLUX.1-dev: in FreeFlux's non-rigid block set, from the first step, the target's
+    image tokens attend to its own text and the source's image keys/values (joint attention)."""
+    g = Graph(name, "MasaCtrl synthesis on FLUX.1-dev: the target prompt changes the pose or action of the "
+                    "source prompt's subject; in FreeFlux's non-rigid blocks the target reads the source's image "
+                    "keys and values. Guidance is set once for the batch, after MasaCtrl Conditioning Batch.")
+    unet = g.add("UNETLoader", at=(0, 0), size=(320, 90), unet_name="flux1-dev.safetensors", weight_dtype="default")
+    clip = g.add("DualCLIPLoader", at=(0, 2), size=(320, 130), clip_name1="clip_l.safetensors",
+                 clip_name2="t5xxl_fp8_e4m3fn.safetensors", type="flux")
+    vae = g.add("VAELoader", at=(0, 5), size=(320, 60), vae_name="ae.safetensors")
+    source = g.add("CLIPTextEncode", "Source prompt", at=(1, 0), size=(360, 140), clip=clip[0],
+                   text="a photo of a corgi, standing on the grass, full body")
+    target = g.add("CLIPTextEncode", "Target prompt", at=(1, 3), size=(360, 140), clip=clip[0],
+                   text="a photo of a corgi, running on the grass, full body")
+    batch = g.add("MasaCtrlConditioningBatch", at=(2, 0), size=(300, 60), source=source[0], target=target[0])
+    guided = g.add("FluxGuidance", at=(2, 2), size=(300, 60), conditioning=batch[0], guidance=3.5)
+    # cfg 1: FLUX.1-dev is guidance-distilled, so the negative is never evaluated
+    negative = g.add("ConditioningZeroOut", "Negative (unused at cfg 1)", at=(2, 4), size=(300, 30),
+                     conditioning=source[0])
+    empty = g.add("EmptySD3LatentImage", at=(1, 6), size=(320, 110), width=1024, height=1024, batch_size=1)
+    latents = g.add("MasaCtrlLatentBatch", at=(2, 6), size=(320, 150), source=empty[0], targets=1,
+                    source_is_reference=False, share_noise=True, inverted=True)
+    patch = g.add("MasaCtrlAttentionPatch", at=(1, 9), size=(320, 330), model=unet[0], start_step=0,
+                  start_layer=0, end_step=-1, end_layer=-1, mode="mutual", source_index=0, layers=FREEFLUX_LAYERS)
+    sampler = g.add("KSampler", at=(3, 0), size=(320, 270), model=patch[0], seed=42, steps=28, cfg=1.0,
+                    sampler_name="euler", scheduler="simple", positive=guided[0], negative=negative[0],
+                    latent_image=latents[0], denoise=1.0)
+    decode = g.add("VAEDecode", at=(4, 0), size=(220, 50), samples=sampler[0], vae=vae[0])
     g.add("SaveImage", at=(4, 2), size=(420, 300), images=decode[0], filename_prefix=f"consistent-synthesis/{name}")
     return g
 
@@ -442,6 +499,7 @@ def write_input_image(path: Path) -> None:
 WORKFLOWS = {
     "masactrl_sd15": lambda: masactrl_synthesis("masactrl_sd15", "v1-5-pruned-emaonly.safetensors", 512, 10, "SD1.5"),
     "masactrl_sdxl": lambda: masactrl_synthesis("masactrl_sdxl", "sd_xl_base_1.0.safetensors", 1024, 44, "SDXL"),
+    "masactrl_flux": lambda: masactrl_flux("masactrl_flux"),
     "consistent_character": lambda: consistent_character("consistent_character"),
     "masactrl_real_image": lambda: masactrl_real_image("masactrl_real_image"),
     "repaint_inpaint": lambda: repaint("repaint_inpaint", outpaint=False),
