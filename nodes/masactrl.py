@@ -19,6 +19,7 @@ from .unet_layers import LayerKey, attn1_module, self_attention_layers
 NODE = "MasaCtrlAttentionPatch"
 WRAPPER_KEY = "consistent_synthesis.masactrl"
 RUN_KEY = "consistent_synthesis.masactrl_run"
+DEFAULT_START_LAYER = 10  # the paper's SD setting (the decoder); on FLUX.1 the default is FreeFlux's set
 
 
 def _error(input_name: str, message: str) -> ValueError:
@@ -250,7 +251,7 @@ def _outer_sample_wrapper(settings: dict, layer_count: int):
     return wrapper
 
 
-def patch_model(model, *, start_step: int = 4, start_layer: int = 10, end_step: int = -1, end_layer: int = -1,
+def patch_model(model, *, start_step: int = 4, start_layer: int = DEFAULT_START_LAYER, end_step: int = -1, end_layer: int = -1,
                 mode: str = "mutual", source_index: int = 0, source_mask=None, target_mask=None,
                 auto_mask: bool = False, source_tokens=(1,), target_tokens=(1,), mask_threshold: float = 0.1,
                 layers: list[int] | None = None, attention=None):
@@ -270,6 +271,11 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = 10, end_step: 
                          "disconnect the masks and turn auto_mask off.")
         if attention is not None:
             raise ValueError("patch_model: an attention override is for UNet layers only")
+        if layers is None and start_layer == DEFAULT_START_LAYER and end_layer == -1:
+            layers = masactrl_dit.published_layers(model)  # FreeFlux's set on a FLUX.1-sized model, else None
+            if layers is not None:
+                logging.info("%s: layers blank and start_layer/end_layer at their defaults on FLUX.1: FreeFlux's "
+                             "non-rigid blocks %s.", NODE, ",".join(map(str, layers)))
         return masactrl_dit.patch_dit_model(model, start_step=start_step, start_layer=start_layer, end_step=end_step,
                                             end_layer=end_layer, layers=layers, mode=mode, source_index=source_index)
     all_layers: list[LayerKey] = self_attention_layers(model.get_model_object("diffusion_model"))
@@ -361,14 +367,16 @@ class MasaCtrlAttentionPatch(io.ComfyNode):
                          "the batch queries the self-attention keys and values of the source image, so the "
                          "source's identity and texture carry over while the target prompts change pose or action."),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x or SDXL) to patch; a clone is "
-                               "patched, so the original stays as it is. LoRA and other patches are kept."),
+                io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x, SDXL, Flux or SD3) to patch; a "
+                               "clone is patched, so the original stays as it is. LoRA and other patches are kept."),
                 io.Int.Input("start_step", default=4, min=0, max=10000, tooltip=(
                     "First sampling step (0-based) with mutual self-attention. Earlier steps lay out the "
                     "target freely. Paper: 4 of 50.")),
-                io.Int.Input("start_layer", default=10, min=0, max=1000, tooltip=(
+                io.Int.Input("start_layer", default=DEFAULT_START_LAYER, min=0, max=1000, tooltip=(
                     "First self-attention layer, counted in execution order (down, mid, up): 16 in SD1.x/2.x, "
-                    "70 in SDXL. Paper: 10 for SD (the decoder); 44, 54 or 64 for SDXL.")),
+                    "70 in SDXL. Paper: 10 for SD (the decoder); 44, 54 or 64 for SDXL. Flux and SD3 count their "
+                    "joint-attention blocks (FLUX.1: 19 double then 38 single = 57); left at 10 with layers blank, "
+                    "a FLUX.1 model gets FreeFlux's published block set.")),
                 io.Int.Input("end_step", default=-1, min=-1, max=10000, tooltip=(
                     "Step at which mutual self-attention stops (exclusive); -1 runs it to the last step.")),
                 io.Int.Input("end_layer", default=-1, min=-1, max=1000, tooltip=(
@@ -398,7 +406,9 @@ class MasaCtrlAttentionPatch(io.ComfyNode):
                     "0.1).")),
                 io.String.Input("layers", default="", optional=True, tooltip=(
                     "Explicit layer list, comma-separated (e.g. \"10, 12, 14\"), for the non-contiguous sets some "
-                    "papers use; overrides start_layer and end_layer. Empty: start_layer to end_layer.")),
+                    "papers use; overrides start_layer and end_layer. Empty: start_layer to end_layer. FLUX.1 "
+                    "(from step 0): FreeFlux's 0,7,8,9,10,18,25,28,37,42,45,50,56 for pose changes; Stable "
+                    "Flow's vital layers 0,1,17,18,25,28,53,54,56.")),
             ],
             outputs=[io.Model.Output(tooltip="The patched clone of the model.")],
         )

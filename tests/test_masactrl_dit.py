@@ -11,6 +11,7 @@ import comfy.sample  # noqa: E402
 
 import tiny_dit_models as td  # noqa: E402
 import tiny_models as tm  # noqa: E402
+from consistent_synthesis.nodes import masactrl  # noqa: E402
 from consistent_synthesis.nodes import masactrl_dit as D  # noqa: E402
 from consistent_synthesis.samplers import step_clock  # noqa: E402
 from sync_counter import HostSyncCounter  # noqa: E402
@@ -276,3 +277,17 @@ def test_freeflux_layers_are_offered_for_a_flux1_sized_model(models):
     assert D.published_layers(models["flux"]) == [0, 7, 8, 9, 10, 18, 25, 28, 37, 42, 45, 50, 56]
     assert D.published_layers(models["sd3"]) is None
     assert max(D.STABLE_FLOW_FLUX_LAYERS) < D.block_count(models["flux"])
+
+
+@pytest.mark.parametrize("kind, kwargs, blocks", [
+    ("flux", {}, set(D.FREEFLUX_NON_RIGID_LAYERS)),  # the node's defaults on FLUX.1: FreeFlux's blocks
+    ("flux", dict(start_layer=50), set(range(50, 57))),  # a start_layer of the user's: that range
+    ("flux", dict(end_layer=12), set(range(10, 12))),
+    ("flux", dict(layers=[3, 40]), {3, 40}),
+    ("sd3", {}, set(range(10, 24))),  # no published SD3 set: start_layer 10 to the last block
+])
+def test_the_nodes_default_blocks_are_freeflux_on_flux1_and_the_range_elsewhere(models, kind, kwargs, blocks):
+    model = models[kind].clone()
+    recorder = BlockRecorder(model, kind, "mutual")
+    sample(masactrl.patch_model(model, start_step=STEPS - 1, **kwargs), kind)
+    assert recorder.patched == {(STEPS - 1, layer) for layer in blocks}
