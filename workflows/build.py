@@ -292,9 +292,9 @@ def masactrl_flux(name: str) -> Graph:
                     "source prompt's subject; in FreeFlux's non-rigid blocks the target reads the source's image "
                     "keys and values. Guidance is set once for the batch, after MasaCtrl Conditioning Batch.")
     unet = g.add("UNETLoader", at=(0, 0), size=(320, 90), unet_name="flux1-dev.safetensors", weight_dtype="default")
-    clip = g.add("DualCLIPLoader", at=(0, 2), size=(320, 130), clip_name1="clip_l.safetensors",
+    clip = g.add("DualCLIPLoader", at=(0, 2.5), size=(320, 130), clip_name1="clip_l.safetensors",
                  clip_name2="t5xxl_fp8_e4m3fn.safetensors", type="flux")
-    vae = g.add("VAELoader", at=(0, 5), size=(320, 60), vae_name="ae.safetensors")
+    vae = g.add("VAELoader", at=(0, 6), size=(320, 60), vae_name="ae.safetensors")
     source = g.add("CLIPTextEncode", "Source prompt", at=(1, 0), size=(360, 140), clip=clip[0],
                    text="a photo of a corgi, standing on the grass, full body")
     target = g.add("CLIPTextEncode", "Target prompt", at=(1, 3), size=(360, 140), clip=clip[0],
