@@ -164,9 +164,9 @@ def stand_in_layers(layers: list[int]) -> list[int]:
                    for i in layers})
 
 
-def fit_to_stand_ins(prompt: dict, built: list) -> dict:
+def fit_to_stand_ins(prompt: dict, built: list, log: bool = True) -> dict:
     """``prompt`` with MasaCtrl block lists moved onto the reduced-depth Flux stand-in, when ``built``
-    (the model refs given random stand-ins) holds one; every change is logged."""
+    (the model refs given random stand-ins) holds one; each change is logged unless ``log`` is False."""
     if not any(guess_kind(r.folder, r.name) == "flux_reduced" for r in built):
         return prompt
     prompt = json.loads(json.dumps(prompt))
@@ -175,8 +175,9 @@ def fit_to_stand_ins(prompt: dict, built: list) -> dict:
         if node.get("class_type") != "MasaCtrlAttentionPatch" or not isinstance(text, str) or not text.strip():
             continue
         moved = ",".join(map(str, stand_in_layers([int(t) for t in text.split(",") if t.strip()])))
-        logging.warning("REDUCED-DEPTH Flux stand-in: node %s layers %s -> %s (its %d double + %d single blocks).",
-                        node_id, text, moved, FLUX_STAND_IN_DEPTH["depth"], FLUX_STAND_IN_DEPTH["depth_single_blocks"])
+        if log:
+            logging.warning("REDUCED-DEPTH Flux stand-in: node %s layers %s -> %s (its %d double + %d single "
+                            "blocks).", node_id, text, moved, *FLUX_STAND_IN_DEPTH.values())
         node["inputs"]["layers"] = moved
     return prompt
 

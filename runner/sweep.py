@@ -772,6 +772,16 @@ def run(args: argparse.Namespace) -> int:
             else:
                 servers, missing = _start_local(args, prompt)
                 urls = [s.url for s in servers]
+                if missing:
+                    from . import random_models
+
+                    fitted = 0
+                    for c in todo:  # a varied block list too is moved onto a reduced-depth stand-in
+                        before, c.prompt = c.prompt, random_models.fit_to_stand_ins(c.prompt, missing, log=False)
+                        fitted += before != c.prompt
+                    if fitted:
+                        logging.warning("REDUCED-DEPTH Flux stand-in: the block lists of %d cell(s) are moved onto "
+                                        "its %d blocks.", fitted, sum(random_models.FLUX_STAND_IN_DEPTH.values()))
             check_against_server(urls[0], prompt, axes)
             logging.info("running %d cell(s) on %d server(s): %s", len(todo), len(urls), ", ".join(urls))
             state.progress = Progress(len(todo), urls)
