@@ -58,16 +58,27 @@ def _missing_on_server(url: str, refs: list[workflow.ModelRef]) -> list[workflow
     return missing
 
 
-def _build_random(missing: list[workflow.ModelRef]) -> Path:
+def local_model_roots(host: Path, refs: list[workflow.ModelRef], no_random: bool,
+                      error: type[Exception] = SystemExit) -> tuple[list[Path], list[workflow.ModelRef]]:
+    """(extra model roots, refs given random stand-ins) for a server the runner starts on ``host``:
+    files missing from its models folders get random-weight stand-ins, or ``error`` with ``no_random``."""
+    missing = _missing_locally(host, refs)
+    if not missing:
+        return [], []
+    if no_random:
+        raise error("missing model files: " + ", ".join(f"{r.folder}/{r.name}" for r in missing)
+                    + f" (looked in {host / 'models'}); see the README for where to get them.")
     from . import random_models
+    from .host import activate
 
+    activate(host)
     logging.warning("%s\nRANDOM WEIGHTS: %s not found in the models folders; building random-weight stand-ins "
                     "of the real architecture. The images will be noise: this is a smoke test of the graph, "
                     "not a real result. Download the models (see the README) for real images.\n%s", BANNER,
                     ", ".join(f"{r.folder}/{r.name}" for r in missing), BANNER)
     for r in missing:
         random_models.ensure(r.folder, r.name)
-    return random_models.cache_dir()
+    return [random_models.cache_dir()], missing
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,21 +104,15 @@ def run(args: argparse.Namespace) -> int:
                              "given to a server the runner starts (run without --server).")
         result = client.run_prompt(args.server, prompt, out, args.timeout)
     else:
-        from .host import activate, find_host
+        from .host import find_host
         from .server import LocalServer
 
         host, how = find_host()
         if host is None:
             raise SystemExit(how)
         logging.info("ComfyUI: %s (found by %s)", host, how)
-        missing = _missing_locally(host, refs)
-        roots = []
+        roots, missing = local_model_roots(host, refs, args.no_random)
         if missing:
-            if args.no_random:
-                raise SystemExit("missing model files: " + ", ".join(f"{r.folder}/{r.name}" for r in missing)
-                                 + f" (looked in {host / 'models'}); see the README for where to get them.")
-            activate(host)
-            roots.append(_build_random(missing))
             from . import random_models
 
             prompt = random_models.fit_to_stand_ins(prompt, missing)

@@ -695,20 +695,13 @@ def _start_local(args, prompt: dict) -> tuple[list, list]:
     from concurrent.futures import ThreadPoolExecutor
 
     from . import cli
-    from .host import activate, find_host
+    from .host import find_host
     from .server import LocalServer
 
     host, how = find_host()
     if host is None:
         raise SweepError(how)
-    missing = cli._missing_locally(host, workflow.model_refs(prompt))
-    roots = []
-    if missing:
-        if args.no_random:
-            raise SweepError("missing model files: " + ", ".join(f"{r.folder}/{r.name}" for r in missing)
-                             + f" (looked in {host / 'models'}); see the README for where to get them.")
-        activate(host)
-        roots.append(cli._build_random(missing))
+    roots, missing = cli.local_model_roots(host, workflow.model_refs(prompt), args.no_random, SweepError)
     gpus = 0
     if not args.cpu:
         import torch
