@@ -66,6 +66,18 @@ def pytest_terminal_summary(terminalreporter):
             "They prove nothing until a host is installed.", red=True, bold=True)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models, whose run time thread start-up would dominate
+    on a shared machine (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 
 

@@ -22,13 +22,7 @@ STEPS = 3
 CFG = {"flux": 1.0, "sd3": 4.0}  # Flux: one chunk (guidance-distilled); SD3: cond and uncond chunks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny models are dominated by thread start-up on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from consistent_synthesis.nodes.masactrl_batch import (  # noqa: E402
 CFG = {"flux": 1.0, "sd3": 4.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stack(source, target):
