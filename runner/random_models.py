@@ -174,7 +174,11 @@ def fit_to_stand_ins(prompt: dict, built: list, log: bool = True) -> dict:
         text = node.get("inputs", {}).get("layers")
         if node.get("class_type") != "MasaCtrlAttentionPatch" or not isinstance(text, str) or not text.strip():
             continue
-        moved = ",".join(map(str, stand_in_layers([int(t) for t in text.split(",") if t.strip()])))
+        try:  # read as the node reads it; a list the node would refuse reaches it unchanged
+            layers = [int(t) for t in text.replace(";", ",").split(",") if t.strip()]
+        except ValueError:
+            continue
+        moved = ",".join(map(str, stand_in_layers(layers)))
         if log:
             logging.warning("REDUCED-DEPTH Flux stand-in: node %s layers %s -> %s (its %d double + %d single "
                             "blocks).", node_id, text, moved, *FLUX_STAND_IN_DEPTH.values())

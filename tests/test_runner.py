@@ -188,6 +188,13 @@ def test_published_flux_block_sets_move_onto_the_stand_in_by_kind_and_relative_d
     changed = {i for i in prompt if prompt[i] != fitted[i]}
     assert [fitted[i]["class_type"] for i in changed] == ["MasaCtrlAttentionPatch"]
     assert fitted[changed.pop()]["inputs"]["layers"] == "0,1,2,3,4,5"
+    prompt_semicolons = json.loads(json.dumps(prompt))
+    patch_id = next(i for i, n in prompt.items() if n["class_type"] == "MasaCtrlAttentionPatch")
+    prompt_semicolons[patch_id]["inputs"]["layers"] = "0; 56"  # the node reads ';' as ','
+    assert random_models.fit_to_stand_ins(prompt_semicolons, workflow.model_refs(prompt))[patch_id]["inputs"][
+        "layers"] == "0,5"
+    prompt_semicolons[patch_id]["inputs"]["layers"] = "0, x"  # the node refuses it, naming the input
+    assert random_models.fit_to_stand_ins(prompt_semicolons, workflow.model_refs(prompt)) == prompt_semicolons
     sd15 = workflow.load(SD15)  # no Flux stand-in built: nothing changes
     assert random_models.fit_to_stand_ins(sd15, workflow.model_refs(sd15)) == sd15
     assert random_models.fit_to_stand_ins(prompt, []) == prompt
