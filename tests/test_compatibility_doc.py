@@ -132,3 +132,19 @@ def test_the_table_names_versions_for_every_row():
     for cells in rows:
         assert len(cells) >= 6 and all(cells[:6]), cells
         assert "0.3.64" in cells[3], cells
+
+
+def _versions_paragraph() -> str:
+    text = DOC.read_text()
+    start = text.index("**Versions.**")
+    return text[start:text.index("\n\n", start)]
+
+
+def test_the_newest_host_read_is_named_with_its_version_number():
+    """'the 0.38 line' is not enough: the doc gives the newest host's full version, newer than the oldest."""
+    paragraph = _versions_paragraph()
+    newest = paragraph[paragraph.index("*Newest*"):]
+    versions = [tuple(int(part) for part in found) for found in re.findall(r"\bv?(\d+)\.(\d+)\.(\d+)\b", newest)]
+    assert versions, "the *Newest* sentence names no version number (e.g. v0.38.1)"
+    assert max(versions) > (0, 3, 64), versions
+    assert re.search(r"@ `[0-9a-f]{8}`", newest), "the newest version names the commit it was read at"
