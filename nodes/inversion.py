@@ -62,10 +62,16 @@ def invert_latent(model, positive, negative, latent: dict, steps: int, scheduler
     ascending = sigmas.flip(0)
     found = {}
 
+    model_sampling = model.get_model_object("model_sampling")
+
+    def input_scale(sigma):  # c_in of the model type: 1 / sqrt(1 + sigma^2) for EPS and V, 1 for flow
+        return model_sampling.calculate_input(sigma, torch.ones_like(sigma))
+
     def invert_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = {} if extra_args is None else extra_args
         steps_done = (lambda i, x0_hat, x: callback({"i": i, "denoised": x0_hat, "x": x})) if callback else None
-        noise, path = inversion.invert(lambda x, sigma: model_k(x, sigma, **extra_args), x, sigmas, steps_done)
+        noise, path = inversion.invert(lambda x, sigma: model_k(x, sigma, **extra_args), x, sigmas, steps_done,
+                                       input_scale)
         found["path"] = path
         return noise
 

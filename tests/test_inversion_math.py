@@ -12,20 +12,50 @@ def linear_denoiser(mean=0.3, var=0.5):
     return lambda x, sigma: mean + var / (var + sigma.reshape(-1, 1, 1, 1) ** 2) * (x - mean)
 
 
-def test_each_move_is_ddim_upward_evaluated_at_the_level_it_reaches():
+def vp_input_scale(sigma):
+    """c_in of EPS and V models: the network sees x / sqrt(1 + sigma^2)."""
+    return 1 / (1 + sigma ** 2).sqrt()
+
+
+def official_next_step(denoise, x, sigma, sigma_next):
+    """MasaCtrl's ``invert`` move written in VP units: the network gets the VP latent of the level
+    left with the timestep of the level reached, then ``next_step`` (alphas_cumprod = 1 / (1 + sigma^2))."""
+    a_t, a_next = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
+    x_vp = x * a_t.sqrt()
+    x_in = x_vp / a_next.sqrt()  # the sampler-space input whose VP latent at sigma_next is x_vp
+    eps = (x_in - denoise(x_in, sigma_next.expand(x.shape[0]))) / sigma_next
+    pred_x0 = (x_vp - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    x_next_vp = a_next.sqrt() * pred_x0 + (1 - a_next).sqrt() * eps
+    return x_next_vp / a_next.sqrt()
+
+
+def test_each_move_is_the_official_step_the_latent_of_the_level_left_at_the_timestep_reached():
     denoise = linear_denoiser()
     x0 = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     sigmas = torch.tensor([0.0, 0.3, 1.2, 5.0], dtype=torch.float64)
-    noise, path = I.invert(denoise, x0, sigmas)
+    noise, path = I.invert(denoise, x0, sigmas, input_scale=vp_input_scale)
     assert path.shape == (4, 2, 4, 3, 3) and torch.equal(path[0], x0) and torch.equal(path[-1], noise)
     for i in range(3):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        eps = (path[i] - denoise(path[i], s_next.expand(2))) / s_next  # eps_hat at the level reached
-        x0_hat = path[i] - s * eps  # the official next_step's pred_x0, from the level left
-        torch.testing.assert_close(path[i + 1], x0_hat + s_next * eps)  # DDIM: x0_hat + sigma_next * eps_hat
-    # the first move starts at the clean latent, sigma 0: x1 = x0 + sigma1 * eps(x0, sigma1)
-    eps0 = (x0 - denoise(x0, sigmas[1].expand(2))) / sigmas[1]
+        torch.testing.assert_close(path[i + 1], official_next_step(denoise, path[i], sigmas[i], sigmas[i + 1]))
+    # the first move starts at the clean latent: the network sees x0 itself, labelled sigma_1
+    x_in = x0 * (1 + sigmas[1] ** 2).sqrt()
+    eps0 = (x_in - denoise(x_in, sigmas[1].expand(2))) / sigmas[1]
     torch.testing.assert_close(path[1], x0 + sigmas[1] * eps0)
+    # and it is not the denoiser at (x, sigma_next), the step this module took before
+    eps_old = (x0 - denoise(x0, sigmas[1].expand(2))) / sigmas[1]
+    assert not torch.allclose(path[1], x0 + sigmas[1] * eps_old, rtol=1e-3, atol=1e-3)
+
+
+def test_without_input_scaling_each_move_is_euler_on_the_velocity_at_the_level_reached():
+    """Flow models: no input scaling, x_next = x + (sigma_next - sigma) * v(x, sigma_next)."""
+    denoise = linear_denoiser()
+    x0 = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = torch.tensor([0.0, 0.2, 0.6, 1.0], dtype=torch.float64)
+    _, path = I.invert(denoise, x0, sigmas)
+    for i in range(3):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        v = (path[i] - denoise(path[i], s_next.expand(2))) / s_next
+        torch.testing.assert_close(path[i + 1], path[i] + (s_next - s) * v)
 
 
 def test_inversion_is_the_euler_sampler_run_backwards_to_first_order():
