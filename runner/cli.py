@@ -8,10 +8,7 @@ import time
 from pathlib import Path
 
 from . import client, workflow
-
-BANNER = "=" * 78
-
-SMOKE_WIDTH, SMOKE_HEIGHT, SMOKE_STEPS = 128, 128, 2
+from .startup import SMOKE_HEIGHT, SMOKE_STEPS, SMOKE_WIDTH, local_model_roots, missing_on_server, sizes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,61 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _missing_locally(host: Path, refs: list[workflow.ModelRef]) -> list[workflow.ModelRef]:
-    """Model files that are not in the host's models folders."""
-    return [r for r in refs if not (host / "models" / r.folder / r.name).is_file()]
-
-
-def _missing_on_server(url: str, refs: list[workflow.ModelRef]) -> list[workflow.ModelRef]:
-    import json
-    import urllib.request
-
-    missing, listings = [], {}
-    for r in refs:
-        if r.folder not in listings:
-            with urllib.request.urlopen(f"{url.rstrip('/')}/models/{r.folder}", timeout=30) as resp:
-                listings[r.folder] = set(json.loads(resp.read()))
-        if r.name not in listings[r.folder]:
-            missing.append(r)
-    return missing
-
-
-def local_model_roots(host: Path, refs: list[workflow.ModelRef], no_random: bool,
-                      error: type[Exception] = SystemExit) -> tuple[list[Path], list[workflow.ModelRef]]:
-    """(extra model roots, refs given random stand-ins) for a server the runner starts on ``host``:
-    files missing from its models folders get random-weight stand-ins, or ``error`` with ``no_random``."""
-    missing = _missing_locally(host, refs)
-    if not missing:
-        return [], []
-    if no_random:
-        raise error("missing model files: " + ", ".join(f"{r.folder}/{r.name}" for r in missing)
-                    + f" (looked in {host / 'models'}); see the README for where to get them.")
-    from . import random_models
-    from .host import activate
-
-    activate(host)
-    logging.warning("%s\nRANDOM WEIGHTS: %s not found in the models folders; building random-weight stand-ins "
-                    "of the real architecture. The images will be noise: this is a smoke test of the graph, "
-                    "not a real result. Download the models (see the README) for real images.\n%s", BANNER,
-                    ", ".join(f"{r.folder}/{r.name}" for r in missing), BANNER)
-    for r in missing:
-        random_models.ensure(r.folder, r.name)
-    return [random_models.cache_dir()], missing
-
-
 def run(args: argparse.Namespace) -> int:
     path = workflow.resolve(args.workflow)
     prompt = workflow.load(path)
-    sizes = dict(width=args.width, height=args.height, steps=args.steps)
-    if args.smoke:
-        sizes = dict(width=args.width or SMOKE_WIDTH, height=args.height or SMOKE_HEIGHT,
-                     steps=args.steps or SMOKE_STEPS)
-    prompt = workflow.override(prompt, seed=args.seed, **sizes)
+    prompt = workflow.override(prompt, seed=args.seed, **sizes(args.width, args.height, args.steps, args.smoke))
     refs = workflow.model_refs(prompt)
     out = Path(args.out) / path.stem
 
     if args.server:
-        missing = _missing_on_server(args.server, refs)
+        missing = missing_on_server(args.server, refs)
         if missing:
             names = ", ".join(f"{r.folder}/{r.name}" for r in missing)
             if not args.smoke and not args.no_random:
@@ -130,13 +81,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    import sys
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["sweep"] and not Path("sweep").is_file():
-        from . import sweep
-
-        return sweep.main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     started = time.monotonic()

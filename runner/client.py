@@ -51,7 +51,7 @@ class Client:
 
     def __init__(self, url: str, timeout: float = 3600.0, on_event=None):
         """``on_event(kind, data)``, when given, sees each websocket event of the prompt (``progress``,
-        ``executing``, ...) and the per-node log lines drop to DEBUG (the caller shows progress itself)."""
+        ``executing``, ...) and the per-prompt log lines drop to DEBUG (the caller shows progress itself)."""
         self.url = url.rstrip("/")
         self.client_id = uuid.uuid4().hex
         self.timeout = timeout
@@ -101,20 +101,39 @@ class Client:
                 return
         raise ServerLost(f"the websocket closed before prompt {prompt_id} finished")
 
+    def session(self) -> aiohttp.ClientSession:
+        """A session for ``complete`` and ``download``; no total timeout (``complete`` has its own)."""
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30))
+
+    async def complete(self, session: aiohttp.ClientSession, prompt: dict) -> tuple[str, dict]:
+        """Queue ``prompt`` and wait until it finishes: (its prompt id, its outputs by node id).
+
+        Raises PromptRejected, PromptFailed (ServerLost when the server goes away) or, after
+        ``timeout`` seconds, asyncio.TimeoutError."""
+        async with session.ws_connect(f"{self.url}/ws?clientId={self.client_id}", heartbeat=30,
+                                      max_msg_size=0) as ws:
+            prompt_id = await self.queue(session, prompt)
+            logging.log(logging.INFO if self.on_event is None else logging.DEBUG, "queued prompt %s", prompt_id)
+            await asyncio.wait_for(self._follow(ws, prompt_id, prompt), self.timeout)
+        entry = await self._history(session, prompt_id)
+        status = entry.get("status", {})
+        if status.get("status_str") == "error":
+            raise PromptFailed(f"prompt {prompt_id} ended with an error: {status.get('messages')}")
+        return prompt_id, entry.get("outputs", {})
+
+    async def download(self, session: aiohttp.ClientSession, item: dict) -> bytes:
+        """The bytes of one output file: an item of a node's output list (``filename``, ``subfolder``, ``type``)."""
+        query = urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
+                           "type": item.get("type", "output")})
+        async with session.get(f"{self.url}/view?{query}") as r:
+            r.raise_for_status()
+            return await r.read()
+
     async def run(self, prompt: dict, out_dir: Path | None = None) -> Result:
         """Queue ``prompt``, wait for it, and save its images (and other files) into ``out_dir``."""
         started = time.monotonic()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30)) as session:
-            async with session.ws_connect(f"{self.url}/ws?clientId={self.client_id}", heartbeat=30,
-                                          max_msg_size=0) as ws:
-                prompt_id = await self.queue(session, prompt)
-                logging.info("queued prompt %s", prompt_id)
-                await asyncio.wait_for(self._follow(ws, prompt_id, prompt), self.timeout)
-            entry = await self._history(session, prompt_id)
-            status = entry.get("status", {})
-            if status.get("status_str") == "error":
-                raise PromptFailed(f"prompt {prompt_id} ended with an error: {status.get('messages')}")
-            result = Result(prompt_id, entry.get("outputs", {}))
+        async with self.session() as session:
+            result = Result(*await self.complete(session, prompt))
             if out_dir is not None:
                 result.files = await self._save(session, result.outputs, Path(out_dir))
         result.seconds = time.monotonic() - started
@@ -140,13 +159,8 @@ class Client:
                 for item in items if isinstance(items, list) else []:
                     if not isinstance(item, dict) or "filename" not in item:
                         continue
-                    query = urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
-                                       "type": item.get("type", "output")})
-                    async with session.get(f"{self.url}/view?{query}") as r:
-                        r.raise_for_status()
-                        data = await r.read()
                     path = out_dir / Path(item["filename"]).name
-                    path.write_bytes(data)
+                    path.write_bytes(await self.download(session, item))
                     files.append(path)
                     logging.info("saved %s (node %s, %s)", path, node_id, kind)
         return files

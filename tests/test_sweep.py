@@ -9,7 +9,12 @@ import pytest
 
 from conftest import REPO
 
-from consistent_synthesis.runner import cli, grid, metrics, sweep, workflow
+from consistent_synthesis.runner import cli, grid, metrics, workflow
+from consistent_synthesis.runner.__main__ import main as runner
+from consistent_synthesis.runner.sweep import SweepError
+from consistent_synthesis.runner.sweep.axes import parse_axes
+from consistent_synthesis.runner.sweep.cells import make_cells
+from consistent_synthesis.runner.sweep.graph import MASK_NODE, MASK_SAVE_NODE, main_output
 
 SD15 = workflow.load(REPO / "workflows" / "api" / "masactrl_sd15.json")
 CHARACTER = workflow.load(REPO / "workflows" / "api" / "consistent_character.json")
@@ -69,8 +74,8 @@ def test_seam_error_is_the_step_across_the_mask_border():
 # ---- --vary ------------------------------------------------------------------------------------------------
 
 def test_vary_finds_nodes_by_id_title_class_or_bare_input_and_reads_ranges():
-    axes = sweep.parse_axes(SD15, ["8.start_step=0..10", "MasaCtrl Attention Patch.start_layer=0..70:5",
-                                   "KSampler.cfg=1,7.5", "sampler_name=euler,ddim"])
+    axes = parse_axes(SD15, ["8.start_step=0..10", "MasaCtrl Attention Patch.start_layer=0..70:5",
+                              "KSampler.cfg=1,7.5", "sampler_name=euler,ddim"])
     assert [(a.node, a.input) for a in axes] == [("8", "start_step"), ("8", "start_layer"), ("9", "cfg"),
                                                  ("9", "sampler_name")]
     assert axes[0].values == tuple(range(11))
@@ -88,14 +93,14 @@ def test_vary_finds_nodes_by_id_title_class_or_bare_input_and_reads_ranges():
     ("8.start_step", "NODE.INPUT=v1,v2"),
 ])
 def test_a_bad_vary_is_refused_naming_what_is_wrong(spec, named):
-    with pytest.raises(sweep.SweepError, match=named.replace("(", r"\(").replace(")", r"\)")):
-        sweep.parse_axes(SD15, [spec])
+    with pytest.raises(SweepError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        parse_axes(SD15, [spec])
 
 
 def test_an_unknown_node_fails_the_command_before_any_server_is_asked(capsys, tmp_path):
     # the URL is never contacted: nothing listens there
-    code = cli.main(["sweep", "masactrl_sd15", "--vary", "Nope.start_step=1", "--server", "http://127.0.0.1:9",
-                     "--out", str(tmp_path)])
+    code = runner(["sweep", "masactrl_sd15", "--vary", "Nope.start_step=1", "--server", "http://127.0.0.1:9",
+                   "--out", str(tmp_path)])
     assert code == 2
     assert not (tmp_path / "masactrl_sd15-sweep").exists()
 
@@ -103,8 +108,8 @@ def test_an_unknown_node_fails_the_command_before_any_server_is_asked(capsys, tm
 # ---- cells and the MasaCtrl-off reference ----------------------------------------------------------------
 
 def test_cells_are_the_cartesian_product_with_one_masactrl_off_reference():
-    axes = sweep.parse_axes(SD15, ["start_step=0,2", "start_layer=0,10"])
-    cells, references = sweep.make_cells(SD15, axes, "masactrl_sd15")
+    axes = parse_axes(SD15, ["start_step=0,2", "start_layer=0,10"])
+    cells, references = make_cells(SD15, axes, "masactrl_sd15")
     assert [c.settings for c in cells] == [{"start_step": 0, "start_layer": 0}, {"start_step": 0, "start_layer": 10},
                                            {"start_step": 2, "start_layer": 0}, {"start_step": 2, "start_layer": 10}]
     assert [(c.prompt["8"]["inputs"]["start_step"], c.prompt["8"]["inputs"]["start_layer"]) for c in cells] == [
@@ -124,8 +129,8 @@ def test_cells_are_the_cartesian_product_with_one_masactrl_off_reference():
 
 
 def test_a_dimension_outside_masactrl_gets_a_reference_per_value():
-    axes = sweep.parse_axes(SD15, ["start_layer=0,10", "KSampler.seed=1,2,3"])
-    cells, references = sweep.make_cells(SD15, axes, "masactrl_sd15")
+    axes = parse_axes(SD15, ["start_layer=0,10", "KSampler.seed=1,2,3"])
+    cells, references = make_cells(SD15, axes, "masactrl_sd15")
     assert len(cells) == 6 and len(references) == 3
     for c in cells:
         ref = next(r for r in references if r.key == c.reference)
@@ -139,30 +144,30 @@ def _node(prompt, class_type):
 def test_the_masactrl_reference_drops_the_patch_and_repaint_gets_its_mask_saved():
     patch, sampler = (_node(CHARACTER, c) for c in ("MasaCtrlAttentionPatch", "RePaintKSampler"))
     mask = CHARACTER[_node(CHARACTER, "SetLatentNoiseMask")]["inputs"]["mask"]
-    axes = sweep.parse_axes(CHARACTER, ["start_step=0,4"])
-    cells, references = sweep.make_cells(CHARACTER, axes, "consistent_character")
+    axes = parse_axes(CHARACTER, ["start_step=0,4"])
+    cells, references = make_cells(CHARACTER, axes, "consistent_character")
     off = references[0].prompt
     assert patch not in off
     assert not any(v == [patch, 0] for n in off.values() for v in n["inputs"].values())
     assert ["1", 0] in [v for n in off.values() for v in n["inputs"].values()]  # the checkpoint's model is read
     assert sampler in off
     for p in (cells[0].prompt, off):  # the mask that Set Latent Noise Mask gives the RePaint sampler is saved
-        assert p[sweep.MASK_NODE] == {"class_type": "MaskToImage", "inputs": {"mask": mask},
-                                      "_meta": {"title": "sweep mask"}}
-        assert p[sweep.MASK_SAVE_NODE]["inputs"]["images"] == [sweep.MASK_NODE, 0]
-    assert sweep.main_output(CHARACTER) == _node(CHARACTER, "SaveImage")
+        assert p[MASK_NODE] == {"class_type": "MaskToImage", "inputs": {"mask": mask},
+                                "_meta": {"title": "sweep mask"}}
+        assert p[MASK_SAVE_NODE]["inputs"]["images"] == [MASK_NODE, 0]
+    assert main_output(CHARACTER) == _node(CHARACTER, "SaveImage")
 
 
 def test_repaint_graphs_have_no_reference_and_their_mask_is_the_padding_mask():
-    axes = sweep.parse_axes(OUTPAINT, ["jump_n_sample=1,2", "jump_length=2,4"])
-    cells, references = sweep.make_cells(OUTPAINT, axes, "repaint_outpaint")
+    axes = parse_axes(OUTPAINT, ["jump_n_sample=1,2", "jump_length=2,4"])
+    cells, references = make_cells(OUTPAINT, axes, "repaint_outpaint")
     assert len(cells) == 4 and references == []
-    assert cells[0].prompt[sweep.MASK_NODE]["inputs"]["mask"] == ["3", 1]
+    assert cells[0].prompt[MASK_NODE]["inputs"]["mask"] == ["3", 1]
 
 
 def test_save_nodes_write_into_a_folder_per_cell():
-    axes = sweep.parse_axes(SD15, ["start_step=0,2"])
-    cells, references = sweep.make_cells(SD15, axes, "masactrl_sd15")
+    axes = parse_axes(SD15, ["start_step=0,2"])
+    cells, references = make_cells(SD15, axes, "masactrl_sd15")
     prefixes = [c.prompt["11"]["inputs"]["filename_prefix"] for c in cells + references]
     assert prefixes[0] == "consistent-synthesis/masactrl_sd15-sweep/8.start_step=0/masactrl_sd15"
     assert len(set(prefixes)) == 3
