@@ -134,6 +134,7 @@ class InvertLatent(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent, steps, scheduler, cfg, denoise) -> io.NodeOutput:
         checks.inputs(cls, locals())
+        checks.latent_for_model("InvertLatent", "latent", latent, model)
         return io.NodeOutput(invert_latent(model, positive, negative, latent, steps, scheduler, cfg, denoise))
 
 
@@ -165,6 +166,29 @@ def check_sigmas(run: torch.Tensor, ascending: torch.Tensor, settings: dict, nod
         raise ValueError(_mismatch(node, run, settings))
 
 
+def source_row(latent_image: torch.Tensor, noise: torch.Tensor, clean: torch.Tensor, node: str) -> str:
+    """What row 0 of the sampled latent is: this inversion's noise (``"inverted"``), its clean image
+    (``"reference"``: MasaCtrl Latent Batch with 'inverted' off), or else a ValueError: a latent of
+    another size or another image would be edited without the real photo's keys and values."""
+    size, inverted_size = tuple(latent_image.shape[2:]), tuple(noise.shape[2:])
+    if latent_image.shape[1:] != noise.shape[1:]:
+        raise ValueError(
+            f"{node}: input 'inverted' is the inversion of a {'x'.join(map(str, inverted_size))} latent "
+            f"({noise.shape[1]} channels), but the KSampler samples {'x'.join(map(str, size))} latents "
+            f"({latent_image.shape[1]} channels). Connect the same Invert Latent output to MasaCtrl Latent Batch "
+            "'source' and to this node's 'inverted' (the batch is built from the inverted image's size).")
+    row = latent_image[:1].cpu()
+    if torch.equal(row, noise.to(row.dtype)):
+        return "inverted"
+    if torch.equal(row, clean.to(row.dtype)):
+        return "reference"
+    raise ValueError(
+        f"{node}: row 0 of the sampled latent is neither the noise of input 'inverted' nor its image: the "
+        "batch was made from another image (or another Invert Latent run), so the source would not be the real "
+        "photo. Connect the same Invert Latent output to MasaCtrl Latent Batch 'source' and to this node's "
+        "'inverted'.")
+
+
 def inverted_source_patch(model, inverted: dict, node: str = "MasaCtrlInvertedSource"):
     """A clone of ``model`` whose runs start from ``inverted``'s noise and drive row 0 along its path."""
     missing = [key for key in PATH_KEYS if key not in inverted]
@@ -179,10 +203,9 @@ def inverted_source_patch(model, inverted: dict, node: str = "MasaCtrlInvertedSo
 
     def outer_sample(executor, noise_in, latent_image, sampler, sigmas, *args, **kwargs):
         guider = executor.class_obj
-        if latent_image.shape[1:] != noise.shape[1:] or \
-                not torch.equal(latent_image[:1].cpu(), noise.to(latent_image.dtype)):
-            logging.warning("%s: row 0 of the sampled latent is not this inversion's noise (MasaCtrl Latent Batch "
-                            "with 'inverted' off, or another image): the source row is not driven.", node)
+        if source_row(latent_image, noise, path_latent[0], node) == "reference":
+            logging.info("%s: row 0 of the sampled latent is the clean reference (MasaCtrl Latent Batch with "
+                         "'inverted' off): it is re-noised, not driven along the inversion.", node)
             return executor(noise_in, latent_image, sampler, sigmas, *args, **kwargs)
         check_sigmas(sigmas, ascending, settings, node)
         base = guider.model_patcher.model

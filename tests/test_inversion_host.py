@@ -278,3 +278,38 @@ def test_repaint_ksampler_on_an_inverted_reference_and_a_canvas_keeps_both_known
                            1.0, 2, 2)["samples"]
     assert torch.equal(out[0], source["samples"][0])
     assert torch.equal(out[1, :, :8], canvas[0, :, :8])
+
+
+def test_an_inversion_of_another_resolution_than_the_batch_is_refused_naming_both_sizes():
+    model, source, inv = inverted_tiny()
+    other = N.invert_latent(model, tm.conditioning("sd15"), tm.conditioning("sd15"),
+                            {"samples": torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(4))}, 6,
+                            "normal", 1.0, 1.0)
+    cond = tm.conditioning("sd15")
+    with pytest.raises(ValueError, match=r"MasaCtrlInvertedSource: input 'inverted' is the inversion of a 16x16 "
+                                         r"latent .* samples 8x16 latents"):
+        ksampler(N.inverted_source_patch(model, inv), latent_batch(other, 1, True, True), 6, positive=cond,
+                 negative=cond)
+
+
+def test_an_inversion_of_another_image_than_the_batch_is_refused():
+    model, source, inv = inverted_tiny()
+    cond = tm.conditioning("sd15")
+    other = N.invert_latent(model, cond, cond, {"samples": torch.randn(1, 4, 16, 16,
+                                                                       generator=torch.Generator().manual_seed(9))},
+                            6, "normal", 1.0, 1.0)
+    with pytest.raises(ValueError, match=r"MasaCtrlInvertedSource: row 0 of the sampled latent is neither the noise "
+                                         r"of input 'inverted' nor its image"):
+        ksampler(N.inverted_source_patch(model, inv), latent_batch(other, 1, True, True), 6, positive=cond,
+                 negative=cond)
+
+
+@pytest.mark.parametrize("samples,message", [
+    (torch.randn(1, 16, 8, 8), r"InvertLatent: input 'latent': the latent has 16 channels \(a FLUX.1 or SD3 VAE's\)"),
+    (torch.randn(1, 4, 2, 8, 8), r"InvertLatent: input 'latent': got a 5-D video latent"),
+])
+def test_invert_latent_refuses_a_latent_of_another_model(samples, message):
+    model = tm.tiny_model("sd15")
+    cond = tm.conditioning("sd15")
+    with pytest.raises(ValueError, match=message):
+        N.InvertLatent.execute(model, cond, cond, {"samples": samples}, 4, "normal", 1.0, 1.0)
