@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 
@@ -28,6 +29,44 @@ JUMP_TOOLTIPS = {
                       "Jumps outside the window are skipped, so the extra evaluations go where they help.",
     "resample_end": "End of the resampling window as a fraction of the run (1 = the last step).",
 }
+
+
+def check_mask_aspect(node: str, mask_shape, latent_shape) -> None:
+    """Refuse a noise_mask whose aspect ratio is not the latent's: the host would stretch it over the latent.
+
+    Any scale is fine (the latent's size, the image's size, ...). Odd image sizes give a latent of
+    floor(image / 8), so the mask, drawn to the latent's height, may miss its width by up to 7/8 of a
+    latent pixel (and the other way round): one latent pixel of slack on each axis.
+    """
+    mask_h, mask_w = (int(n) for n in mask_shape[-2:])
+    latent_h, latent_w = (int(n) for n in latent_shape[-2:])
+    if mask_h < 1 or mask_w < 1:
+        return  # an empty mask is refused by the input checks
+    if abs(mask_w * latent_h / mask_h - latent_w) <= 1.0 and abs(mask_h * latent_w / mask_w - latent_h) <= 1.0:
+        return
+    raise checks.error(node, "latent_image", (
+        f"its noise_mask has shape {tuple(mask_shape)} ({mask_w}x{mask_h}), the latent {tuple(latent_shape)} "
+        f"({latent_w}x{latent_h}): the aspect ratios differ, so the mask would be stretched over the image. "
+        f"Give a mask of the image's size (for SD, SDXL and Flux {8 * latent_w}x{8 * latent_h}) or the latent's "
+        f"({latent_w}x{latent_h}): crop or pad it to the image before Set Latent Noise Mask."))
+
+
+def _mask_given_to_guider(sampler) -> torch.Tensor | None:
+    """The noise_mask as SamplerCustom / SamplerCustomAdvanced handed it to the guider, before the host
+    resized it to the latent (a SAMPLER only ever receives the resized one): read from the caller's frame
+    of ``CFGGuider.sample`` that runs ``sampler``. None where the host calls the sampler another way."""
+    code = getattr(getattr(comfy.samplers.CFGGuider, "sample", None), "__code__", None)
+    frame = sys._getframe(1)
+    for _ in range(64):
+        if frame is None:
+            return None
+        if frame.f_code is code:
+            if frame.f_locals.get("sampler") is not sampler:
+                return None
+            mask = frame.f_locals.get("denoise_mask")
+            return mask if isinstance(mask, torch.Tensor) else None
+        frame = frame.f_back
+    return None
 
 
 class _KnownRegionDenoiser:
@@ -90,6 +129,9 @@ class RePaint(comfy.samplers.Sampler):
                disable_pbar=False):
         if denoise_mask is None:
             raise ValueError(f"{self.node}: input 'latent_image': {NO_MASK}")
+        given = _mask_given_to_guider(self)
+        if given is not None:
+            check_mask_aspect(self.node, given.shape, latent_image.shape)
         model_sampling = model_wrap.inner_model.model_sampling
         try:
             flow, noise_scale = repaint.forward_process(model_sampling.noise_scaling)
@@ -202,9 +244,10 @@ def repaint_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive,
                      denoise=1.0, jump_length=10, jump_n_sample=10, resample_start=0.0, resample_end=1.0,
                      renoise="fresh", node="RePaintKSampler") -> dict:
     """KSampler with RePaint; the known region of the result is the input latent, bit for bit."""
-    if "noise_mask" not in latent_image:
+    if latent_image.get("noise_mask") is None:
         raise ValueError(f"{node}: input 'latent_image': {NO_MASK}")
     original = latent_image["samples"]
+    check_mask_aspect(node, latent_image["noise_mask"].shape, original.shape)
     latent = host_compat.fix_empty_latent_channels(model, latent_image)
     noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
     sampler = RePaint(comfy.samplers.sampler_object(sampler_name), jump_length, jump_n_sample, resample_start,

@@ -9,6 +9,7 @@ require_host()
 
 import comfy.model_base  # noqa: E402
 import comfy.sample  # noqa: E402
+import comfy.sampler_helpers  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy.utils  # noqa: E402
 
@@ -155,6 +156,60 @@ def test_latent_without_noise_mask_fails_and_says_how_to_add_one(sd15):
     with pytest.raises(ValueError, match="RePaintSampler: input 'latent_image'.*noise_mask"):
         SamplerCustom().sample(sd15, True, 4, 3.0, tm.conditioning("sd15"), tm.conditioning("sd15", seed=1),
                               sampler, sigmas, {"samples": torch.zeros(1, 4, 16, 16)})
+
+
+def _samplercustom(model, latent, seed=4):
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    sampler = RePaintSampler.execute(comfy.samplers.sampler_object("euler"), 2, 2, 0.0, 1.0).result[0]
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4)
+    return SamplerCustom().sample(model, True, seed, 3.0, tm.conditioning("sd15"), tm.conditioning("sd15", seed=1),
+                                  sampler, sigmas, latent)[0]["samples"]
+
+
+def _right_half(*shape):
+    mask = torch.zeros(shape)
+    mask[..., shape[-1] // 2:] = 1.0
+    return mask
+
+
+def test_a_mask_of_another_aspect_ratio_is_refused_by_both_nodes_naming_both_shapes(sd15):
+    latent = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)),
+              "noise_mask": _right_half(1, 32, 128)}  # 4:1 on a square latent: the host would stretch it
+    shapes = r"\(1, 32, 128\).*\(1, 4, 16, 16\)"
+    with pytest.raises(ValueError, match=rf"RePaintKSampler: input 'latent_image': its noise_mask .*{shapes}"):
+        RePaintKSampler.execute(sd15, 5, 4, 3.0, "euler", "normal", tm.conditioning("sd15"),
+                                tm.conditioning("sd15", seed=1), latent, 1.0, 2, 2, 0.0, 1.0)
+    with pytest.raises(ValueError, match=rf"RePaintSampler: input 'latent_image': its noise_mask .*{shapes}"):
+        _samplercustom(sd15, latent)
+    tall = dict(latent, noise_mask=_right_half(1, 128, 64))  # 1:2, the other way round
+    with pytest.raises(ValueError, match=r"\(1, 128, 64\).*\(1, 4, 16, 16\)"):
+        run(sd15, tall)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 16, 16), (2, 128, 128), (1, 128, 128), (1, 135, 128), (16, 16)],
+                         ids=["latent_size", "image_size", "batch_1_broadcast", "odd_image_size", "no_batch"])
+def test_masks_of_the_latents_aspect_ratio_still_sample_in_both_nodes(sd15, mask_shape):
+    """The latent's size, the image's size (8x), a batch of 1 for a batch of 2, and an image of 135 px
+    whose latent is floor(135 / 8) = 16: all sample, and the known region is kept."""
+    latent = {"samples": torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)),
+              "noise_mask": _right_half(*mask_shape)}
+    keep = comfy.sampler_helpers.prepare_mask(latent["noise_mask"], latent["samples"].shape, "cpu") == 0
+    assert keep.float().mean() > 0.3
+    for out in (run(sd15, latent), _samplercustom(sd15, latent)):
+        torch.testing.assert_close(out[keep], latent["samples"][keep], rtol=1e-6, atol=1e-6)
+        assert (out[~keep] - latent["samples"][~keep]).abs().mean() > 0.1
+
+
+def test_the_aspect_check_allows_one_latent_pixel_of_rounding():
+    from consistent_synthesis.nodes.repaint import check_mask_aspect
+
+    for mask in ((513, 512), (512, 513), (519, 512), (64, 64), (32, 32), (1, 519, 512)):
+        check_mask_aspect("RePaintKSampler", mask, (1, 4, 64, 64))
+    check_mask_aspect("RePaintKSampler", (1, 1016, 600), (1, 4, 127, 75))  # 1016x600 px -> 127x75
+    for mask in ((512, 584), (64, 66), (128, 512)):  # 1.14 latent pixels off and more
+        with pytest.raises(ValueError, match="input 'latent_image'"):
+            check_mask_aspect("RePaintKSampler", mask, (1, 4, 64, 64))
 
 
 def test_bad_sampler_or_window_fails_clearly():
