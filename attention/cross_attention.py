@@ -92,24 +92,6 @@ def selection(indices_per_row: list[list[int]], m: int, device=None) -> torch.Te
     return torch.tensor(rows, dtype=torch.float32, device=device).reshape(len(rows), m)
 
 
-def parse_token_indices(text: str, node: str, input_name: str) -> list[int]:
-    """``"1, 2,5"`` -> ``[1, 2, 5]``; anything but comma-separated non-negative integers is an error."""
-    parts = [p.strip() for p in str(text).split(",")]
-    if not any(parts):
-        raise ValueError(f"{node}: input '{input_name}': no token index given; write comma-separated "
-                         f"token indices such as '1' or '1, 2' (index 0 is the prompt's start token).")
-    indices = []
-    for part in parts:
-        if not part:
-            continue
-        if not part.isdigit() or not part.isascii():
-            raise ValueError(f"{node}: input '{input_name}': '{part}' is not a token index; write "
-                             f"comma-separated non-negative integers such as '1, 2' (a PromptTokenIndices "
-                             f"node turns words into them).")
-        indices.append(int(part))
-    return indices
-
-
 def check_token_indices(indices: list[int], prompt_length: int, node: str, input_name: str) -> None:
     """Every index must point into the prompt: ``0 <= i < prompt_length``."""
     bad = [i for i in indices if not 0 <= i < prompt_length]

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from ..integer_list import parse_integer_list
+
 # One tensor a node of ours builds from its inputs (a latent batch, a padded canvas) may hold at most
 # this many values: 1 GiB of float32, far above any real image (SDXL at 1024 px: 64 latents are 4M).
 MAX_ELEMENTS = 2**28
@@ -175,6 +177,12 @@ def boolean(node: str, name: str, value) -> None:
 def text(node: str, name: str, value) -> None:
     if not isinstance(value, str):
         raise error(node, name, f"expected text, got {_type_name(value)}.")
+
+
+def integer_list(node: str, name: str, value: str, example: str) -> list[int]:
+    """A typed-in list of whole numbers ("10, 12, 14"; blank is []), read by the pack's one rule
+    (``integer_list.parse_integer_list``); a malformed list is an error naming node, input and value."""
+    return parse_integer_list(value, node, name, example)
 
 
 _BY_TYPE = {"MODEL": model, "MASK": mask, "IMAGE": image, "LATENT": latent, "CONDITIONING": conditioning,

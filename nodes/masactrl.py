@@ -193,22 +193,14 @@ def _sampler_sample_wrapper(executor, *args, **kwargs):
 
 
 def _layer_list(text: str) -> list[int] | None:
-    """The node's ``layers`` STRING ("10, 12, 14") as a list; empty means start_layer to end_layer."""
-    if not text or not text.strip():
-        return None
-    try:
-        layers = [int(part) for part in text.replace(";", ",").split(",") if part.strip()]
-    except ValueError:
-        raise _error("layers", f"{text!r} is not a comma-separated list of layer numbers (e.g. \"10, 12, 14\").")
-    if any(i < 0 for i in layers):
-        raise _error("layers", f"{text!r} holds a negative layer number; layers count from 0.")
-    return layers or None
+    """The node's ``layers`` STRING ("10, 12, 14") as a list; blank means start_layer to end_layer."""
+    return checks.integer_list(NODE, "layers", text, "10, 12, 14") or None
 
 
 def _token_list(tokens, input_name: str) -> list[int]:
     """Token indices from the node's STRING ("1, 2") or from a list."""
     if isinstance(tokens, str):
-        return cross_attention.parse_token_indices(tokens, NODE, input_name)
+        return checks.integer_list(NODE, input_name, tokens, "1, 2")
     return [int(t) for t in tokens]
 
 
@@ -264,6 +256,9 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = DEFAULT_START_
     attention inside MasaCtrl layers (benchmarks compare it with the official code's
     materialized attention matrix).
     """
+    # read even with auto_mask off: a malformed list is refused, not kept for a later run to trip on
+    source_tokens = _token_list(source_tokens, "source_tokens")
+    target_tokens = _token_list(target_tokens, "target_tokens")
     if masactrl_dit.is_dit(model):
         if source_mask is not None or target_mask is not None or auto_mask:
             raise _error("source_mask" if source_mask is not None else "auto_mask",
@@ -325,8 +320,10 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = DEFAULT_START_
                          "mutual or turn auto_mask off.")
         if not 0.0 <= mask_threshold <= 1.0:
             raise _error("mask_threshold", f"{mask_threshold} is outside 0 to 1 (the maps are normalised to 0-1).")
-        source_tokens = _token_list(source_tokens, "source_tokens")
-        target_tokens = _token_list(target_tokens, "target_tokens")
+        for name, tokens in (("source_tokens", source_tokens), ("target_tokens", target_tokens)):
+            if not tokens:
+                raise _error(name, "no token index given; write comma-separated token indices such as '1' or "
+                             "'1, 2' (index 0 is the prompt's start token), or turn auto_mask off.")
 
     settings = dict(start_step=start_step, end_step=end_step, start_layer=start_layer, end_layer=end_layer,
                     mode=mode, source_index=source_index, source_mask=source_mask, target_mask=target_mask,

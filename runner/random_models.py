@@ -22,6 +22,11 @@ from pathlib import Path
 
 import torch
 
+try:  # the pack's one reading of a typed-in number list, as its nodes read it
+    from ..integer_list import parse_integer_list
+except ImportError:  # ``python -m runner`` in the pack's folder: runner is a top-level package there
+    from integer_list import parse_integer_list
+
 FORMAT_VERSION = "1"
 METADATA = {"consistent_synthesis": "random weights, not a trained model", "format": FORMAT_VERSION}
 
@@ -175,7 +180,7 @@ def fit_to_stand_ins(prompt: dict, built: list, log: bool = True) -> dict:
         if node.get("class_type") != "MasaCtrlAttentionPatch" or not isinstance(text, str) or not text.strip():
             continue
         try:  # read as the node reads it; a list the node would refuse reaches it unchanged
-            layers = [int(t) for t in text.replace(";", ",").split(",") if t.strip()]
+            layers = parse_integer_list(text, "MasaCtrlAttentionPatch", "layers", "10, 12, 14")
         except ValueError:
             continue
         moved = ",".join(map(str, stand_in_layers(layers)))

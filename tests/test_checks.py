@@ -71,6 +71,15 @@ def test_every_node_refuses_a_value_of_the_wrong_type_naming_itself_and_the_inpu
     ("start_step", 1.5, "whole number"),
     ("start_step", True, "whole number"),
     ("end_layer", 10**9, "outside -1 to 1000"),
+    # typed-in number lists, one rule for all three inputs (tokens read even with auto_mask off)
+    ("layers", "1,,2", "empty item"),
+    ("layers", ",", "empty item"),
+    ("layers", "²", "'²' is not a number written with the digits 0-9"),
+    ("layers", "-1", "-1 is negative"),
+    ("source_tokens", "1,,2", "empty item"),
+    ("target_tokens", "hand", "'hand' is not a number"),
+    pytest.param("target_tokens", "9" * 10000, "a number of 10000 digits", id="target_tokens-10000-digits"),
+    pytest.param("source_tokens", "9" * 10000, "a number of 10000 digits", id="source_tokens-10000-digits"),
 ])
 def test_masactrl_patch_refuses(sd15, name, value, expected):
     with pytest.raises(ValueError, match=rf"^MasaCtrlAttentionPatch: input '{name}': .*{re.escape(expected)}"):
@@ -138,3 +147,28 @@ def test_a_nan_image_is_refused():
     with pytest.raises(ValueError, match=r"^PoseEditOutpaint: input 'image': .*NaN"):
         PoseEditOutpaint.execute(torch.full((1, 16, 16, 3), math.nan), 0, 0, 0, 8, 0, "none", "")
 
+
+def test_well_formed_number_lists_keep_working_with_either_separator(sd15):
+    inputs = masactrl_inputs(sd15, source_mask=None, target_mask=None)
+    patched = MasaCtrlAttentionPatch.execute(**inputs, layers="10; 12,14", source_tokens="1;2",
+                                             target_tokens=" 3 ").result[0]
+    assert len(patched.model_options["transformer_options"]["patches_replace"]["attn1"]) == 3
+    # blank: start_layer to end_layer, and token lists that auto_mask (off) does not need
+    patched = MasaCtrlAttentionPatch.execute(**inputs, layers=" ", source_tokens="", target_tokens="").result[0]
+    assert len(patched.model_options["transformer_options"]["patches_replace"]["attn1"]) == 16
+    with pytest.raises(ValueError, match=r"^MasaCtrlAttentionPatch: input 'source_tokens': no token index given"):
+        MasaCtrlAttentionPatch.execute(**inputs, auto_mask=True, source_tokens=" ")
+
+
+def test_a_malformed_block_list_on_flux_fails_as_on_a_unet():
+    import tiny_dit_models as td
+
+    model = td.tiny_dit("flux")
+    inputs = dict(model=model, start_step=1, start_layer=0, end_step=-1, end_layer=-1, mode="mutual",
+                  source_index=0)
+    with pytest.raises(ValueError, match=r"^MasaCtrlAttentionPatch: input 'layers': '0,,2' .*empty item"):
+        MasaCtrlAttentionPatch.execute(**inputs, layers="0,,2")
+    with pytest.raises(ValueError, match=r"^MasaCtrlAttentionPatch: input 'target_tokens': .*empty item"):
+        MasaCtrlAttentionPatch.execute(**inputs, target_tokens="1,")
+    out = MasaCtrlAttentionPatch.execute(**inputs, layers="0; 2").result[0]
+    assert len(out.model_options["transformer_options"]["patches_replace"]["dit"]) == 2

@@ -138,17 +138,6 @@ def test_selection_is_zero_one_per_row():
         X.selection([[4]], 4)
 
 
-@pytest.mark.parametrize("text, expected", [("1", [1]), (" 1, 2 ,5", [1, 2, 5]), ("0,", [0])])
-def test_token_indices_are_parsed(text, expected):
-    assert X.parse_token_indices(text, "Node", "tokens") == expected
-
-
-@pytest.mark.parametrize("text", ["", " , ", "-1", "1.5", "hand", "1;2", "²"])
-def test_bad_token_indices_name_the_node_and_input(text):
-    with pytest.raises(ValueError, match=r"^Node: input 'source_tokens': "):
-        X.parse_token_indices(text, "Node", "source_tokens")
-
-
 def test_indices_past_the_prompt_name_the_input_and_the_valid_range():
     X.check_token_indices([0, 76], 77, "Node", "target_tokens")
     with pytest.raises(ValueError, match=r"^Node: input 'target_tokens': token indices \[77\] .*0 to 76"):
