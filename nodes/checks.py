@@ -177,6 +177,12 @@ def boolean(node: str, name: str, value) -> None:
 def text(node: str, name: str, value) -> None:
     if not isinstance(value, str):
         raise error(node, name, f"expected text, got {_type_name(value)}.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone UTF-16 surrogate ("\ud800"), which JSON can carry
+        raise error(node, name, f"holds a character that is not text (an unpaired surrogate, "
+                    f"U+{ord(value[e.start]):04X}, at position {e.start}); retype the text or remove that "
+                    "character.") from None
 
 
 def integer_list(node: str, name: str, value: str, example: str) -> list[int]:

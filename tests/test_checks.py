@@ -172,3 +172,18 @@ def test_a_malformed_block_list_on_flux_fails_as_on_a_unet():
         MasaCtrlAttentionPatch.execute(**inputs, target_tokens="1,")
     out = MasaCtrlAttentionPatch.execute(**inputs, layers="0; 2").result[0]
     assert len(out.model_options["transformer_options"]["patches_replace"]["dit"]) == 2
+
+
+STRING_INPUTS = [(node, spec) for node in NODES for spec in node.define_schema().inputs
+                 if str(spec.io_type) == "STRING"]
+
+
+@pytest.mark.parametrize("node, spec", STRING_INPUTS,
+                         ids=lambda v: v.define_schema().node_id if isinstance(v, type) else v.id)
+def test_every_text_input_refuses_a_lone_surrogate_naming_node_and_input(node, spec):
+    """JSON can carry "\\ud800", which is no character: tokenizers fail on it with a TypeError."""
+    node_id = node.define_schema().node_id
+    checks.check(node_id, spec, "a hand \U0001F91A")  # a real character beyond the BMP passes
+    with pytest.raises(ValueError, match=rf"^{node_id}: input '{spec.id}': .*unpaired surrogate, U\+D800, at "
+                                         r"position 2"):
+        checks.check(node_id, spec, "a \ud800 hand")

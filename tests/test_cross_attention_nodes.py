@@ -197,6 +197,15 @@ def test_bad_inputs_fail_naming_the_input(sd15, inputs, name):
         run(sd15, **inputs)
 
 
+@pytest.mark.parametrize("name", ["words", "text"])
+def test_a_lone_surrogate_in_the_text_fails_naming_node_and_input(sd15, name):
+    values = dict(text=TEXT, words="hand") | {name: "hand\ud800"}
+    with pytest.raises(ValueError, match=rf"^PromptTokenIndices: input '{name}': .*unpaired surrogate, U\+D800"):
+        PromptTokenIndices.execute(tokenizer_clip(), values["text"], values["words"])
+    with pytest.raises(ValueError, match=rf"^CrossAttentionMask: input '{name}': .*unpaired surrogate, U\+D800"):
+        run(sd15, **values)
+
+
 def test_sdxl_reads_its_latent_over_4_layers():
     model = tm.tiny_model("sdxl")
     clip = tokenizer_clip("sdxl")
