@@ -82,7 +82,7 @@ def word_map(model, clip, text: str, words: str, latent: torch.Tensor, noise_lev
     if not cross_attention_maps.cross_attention_layers(model.get_model_object("diffusion_model")):
         raise _error("model", "this model has no UNet cross-attention layers; use an SD1.x, SD2.x or SDXL "
                               "checkpoint.")
-    indices = prompt_tokens.token_indices(clip, text, words)
+    indices = prompt_tokens.token_indices(clip, text, words, node=NODE)
     conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     maps = record_maps(model, conditioning, latent, noise_level, seed)
