@@ -92,9 +92,29 @@ def selection(indices_per_row: list[list[int]], m: int, device=None) -> torch.Te
     return torch.tensor(rows, dtype=torch.float32, device=device).reshape(len(rows), m)
 
 
-def check_token_indices(indices: list[int], prompt_length: int, node: str, input_name: str) -> None:
-    """Every index must point into the prompt: ``0 <= i < prompt_length``."""
+def check_token_indices(indices: list[int], prompt_length: int, node: str, input_name: str,
+                        prompt: str = "the prompt") -> None:
+    """Every index must point into the prompt: ``0 <= i < prompt_length``. ``prompt`` says which
+    prompt the error means ("the target prompt (batch row 1)")."""
     bad = [i for i in indices if not 0 <= i < prompt_length]
     if bad:
-        raise ValueError(f"{node}: input '{input_name}': token indices {bad} are past the prompt, which has "
+        raise ValueError(f"{node}: input '{input_name}': token indices {bad} are past {prompt}, which has "
                          f"{prompt_length} tokens (valid indices 0 to {prompt_length - 1}).")
+
+
+def own_token_count(context: torch.Tensor) -> int:
+    """The token count of the prompt a context row ``(tokens, width)`` was made from.
+
+    Prompts of different lengths share a batch by repetition: each row is its own token sequence
+    repeated up to the longest's length (their lcm, as ComfyUI batches prompts). The smallest
+    ``p`` dividing the length whose first ``p`` tokens, repeated, give the whole row exactly, is
+    that row's own length. (A prompt whose 77-token chunks are identical reads as one chunk; its
+    later chunks repeat the first, so an index into them would read the same tokens anyway.)
+    Compares values: once per sampling run, not per layer.
+    """
+    length = context.shape[0]
+    for p in range(1, length):
+        if length % p == 0 and torch.equal(context.reshape(length // p, p, -1),
+                                           context[:p].expand(length // p, p, context.shape[-1])):
+            return p
+    return length

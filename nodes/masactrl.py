@@ -223,10 +223,43 @@ def _check_latent(settings: dict, latent: torch.Tensor) -> None:
                      f"give one mask for all targets or one for each.")
 
 
+def _check_tokens_against_prompts(settings: dict, batch: int, positive) -> None:
+    """Automatic masks: each token list must point into its own row's prompt. A batch repeats a
+    shorter prompt up to the longest's length, so an index past the shorter prompt would silently
+    read a repeated token; the maps alone cannot tell, the conditioning can (once per run)."""
+    source = settings["source_index"]
+    for entry in positive or []:
+        context = entry.get("cross_attn") if isinstance(entry, dict) else None
+        if not isinstance(context, torch.Tensor) or context.ndim != 3:
+            continue
+        if context.shape[0] == batch:  # one prompt per image
+            prompt_of = list(range(batch))
+        elif context.shape[0] == 1:  # one prompt for every image
+            prompt_of = [0] * batch
+        elif context.shape[0] == 2 and source == 0:  # MasaCtrl Conditioning Batch: one target prompt for all
+            prompt_of = [0] + [1] * (batch - 1)
+        else:
+            continue  # rows the host maps to the batch in its own way
+        checked = set()
+        for row, prompt in enumerate(prompt_of):
+            name = "source_tokens" if row == source else "target_tokens"
+            if (name, prompt) in checked:
+                continue
+            checked.add((name, prompt))
+            own = cross_attention.own_token_count(context[prompt])
+            which = "the source prompt" if row == source else f"the target prompt of batch row {row}"
+            if own < context.shape[1]:
+                which += f" (repeated to {context.shape[1]} tokens in the batch)"
+            cross_attention.check_token_indices(settings[name], own, NODE, name, which)
+
+
 def _outer_sample_wrapper(settings: dict, layer_count: int):
     def wrapper(executor, *args, **kwargs):
         latent, sigmas = args[1], args[3]
         _check_latent(settings, latent)
+        if settings["auto_mask"]:
+            conds = getattr(getattr(executor, "class_obj", None), "conds", None) or {}
+            _check_tokens_against_prompts(settings, latent.shape[0], conds.get("positive"))
         steps = len(sigmas) - 1
         end_step = steps if settings["end_step"] < 0 else min(settings["end_step"], steps)
         layers = settings["layers"]

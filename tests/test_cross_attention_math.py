@@ -142,3 +142,21 @@ def test_indices_past_the_prompt_name_the_input_and_the_valid_range():
     X.check_token_indices([0, 76], 77, "Node", "target_tokens")
     with pytest.raises(ValueError, match=r"^Node: input 'target_tokens': token indices \[77\] .*0 to 76"):
         X.check_token_indices([1, 77], 77, "Node", "target_tokens")
+
+
+def test_a_rows_own_token_count_is_the_period_of_its_repetition():
+    gen = torch.Generator().manual_seed(0)
+    chunk, two_chunks = torch.randn(77, 8, generator=gen), torch.randn(154, 8, generator=gen)
+    assert X.own_token_count(two_chunks) == 154  # a long prompt is its own length
+    assert X.own_token_count(chunk.repeat(2, 1)) == 77  # a short prompt repeated to the batch's length
+    assert X.own_token_count(chunk.repeat(6, 1)) == 77
+    assert X.own_token_count(two_chunks.repeat(3, 1)) == 154
+    almost = chunk.repeat(2, 1)
+    almost[100, 3] += 1e-3  # one value differs: not a repetition
+    assert X.own_token_count(almost) == 154
+
+
+def test_the_error_names_which_prompt_the_indices_are_past():
+    with pytest.raises(ValueError, match=r"^Node: input 'target_tokens': token indices \[80\] are past the target "
+                                         r"prompt of batch row 2, which has 77 tokens"):
+        X.check_token_indices([1, 80], 77, "Node", "target_tokens", "the target prompt of batch row 2")

@@ -196,3 +196,51 @@ def test_explicit_layer_list_patches_only_those_layers(sd15):
     assert set(patched) == {keys[3], keys[10], keys[12]}
     with pytest.raises(ValueError, match="layers"):
         node.patch_model(sd15, layers=[3, 16])
+
+
+def _stacked(source_tokens: int, target_tokens: int):
+    """A source and a target prompt of different lengths stacked as MasaCtrl Conditioning Batch does
+    (the shorter repeated up to the longer's length), and a negative."""
+    from consistent_synthesis.nodes.masactrl_batch import stack_conditioning
+
+    source = tm.conditioning("sd15", tokens=source_tokens, seed=1)
+    target = tm.conditioning("sd15", tokens=target_tokens, seed=2)
+    return stack_conditioning(source, target), tm.conditioning("sd15", batch=2, seed=3)
+
+
+def _sample_with(model, positive, negative, side=16, steps=1):
+    latent = torch.zeros((2, 4, side, side))
+    return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 0), steps, 5.0, "euler", "normal",
+                               positive, negative, latent, disable_pbar=True, seed=0)
+
+
+def test_a_target_token_past_the_target_prompt_fails_though_the_source_prompt_is_longer(sd15):
+    # source: two chunks (154 tokens); target: one chunk (77), repeated to 154 in the batch. Index 100 is in
+    # the source's length but would read the target's repeated token 23.
+    positive, negative = _stacked(154, 77)
+    model = node.patch_model(sd15, start_step=0, start_layer=0, auto_mask=True, source_tokens="100",
+                             target_tokens="1, 100")
+    with pytest.raises(ValueError, match=r"^MasaCtrlAttentionPatch: input 'target_tokens': token indices \[100\] "
+                                         r"are past the target prompt of batch row 1 \(repeated to 154 tokens in "
+                                         r"the batch\), which has 77 tokens \(valid indices 0 to 76\)"):
+        _sample_with(model, positive, negative)
+    ok = node.patch_model(sd15, start_step=0, start_layer=0, auto_mask=True, source_tokens="100",
+                          target_tokens="1, 76")
+    assert torch.isfinite(_sample_with(ok, positive, negative)).all()
+
+
+def test_a_source_token_past_the_source_prompt_fails_though_the_target_prompt_is_longer(sd15):
+    positive, negative = _stacked(77, 154)
+    model = node.patch_model(sd15, start_step=0, start_layer=0, auto_mask=True, source_tokens="120",
+                             target_tokens="120")
+    with pytest.raises(ValueError, match=r"^MasaCtrlAttentionPatch: input 'source_tokens': token indices \[120\] "
+                                         r"are past the source prompt .*which has 77 tokens"):
+        _sample_with(model, positive, negative)
+
+
+def test_one_short_target_prompt_for_several_targets_is_checked_too(sd15):
+    positive, _ = _stacked(154, 77)  # a source and one target prompt over a batch of 1 + 3
+    settings = dict(source_index=0, source_tokens=[100], target_tokens=[100])
+    with pytest.raises(ValueError, match=r"^MasaCtrlAttentionPatch: input 'target_tokens': .*batch row 1 .*77 tokens"):
+        node._check_tokens_against_prompts(settings, 4, [{"cross_attn": positive[0][0]}])
+    node._check_tokens_against_prompts(settings | dict(target_tokens=[76]), 4, [{"cross_attn": positive[0][0]}])
