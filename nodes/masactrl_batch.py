@@ -103,6 +103,10 @@ def _target_rows(target: dict, targets: int, size: tuple, node: str) -> tuple[to
         mask = torch.ones((samples.shape[0], 1) + size[1:])
     else:
         mask = mask.reshape((-1, 1) + tuple(mask.shape[-2:])).float()
+        if mask.shape[0] not in (1, targets):
+            raise ValueError(f"{node}: input 'target': its noise_mask holds {mask.shape[0]} masks for {targets} "
+                             f"target{'s' if targets != 1 else ''}; give one mask for all targets or one for each "
+                             "(the mask given to Set Latent Noise Mask).")
         if tuple(mask.shape[-2:]) != size[1:]:
             mask = torch.nn.functional.interpolate(mask, size=size[1:], mode="bilinear")
     return samples.expand((targets,) + size), mask.expand((targets, 1) + size[1:])

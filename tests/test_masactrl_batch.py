@@ -124,3 +124,19 @@ def test_target_of_another_size_or_count_fails_clearly():
         latents(source, target={"samples": torch.zeros(1, 4, 16, 24)})
     with pytest.raises(ValueError, match="MasaCtrlLatentBatch: input 'target' holds 3 latents for 2"):
         latents(source, targets=2, target={"samples": torch.zeros(3, 4, 16, 16)})
+
+
+@pytest.mark.parametrize("targets, masks", [(1, 3), (3, 2)])
+def test_a_target_noise_mask_count_that_is_neither_one_nor_the_target_count_fails_naming_the_input(targets, masks):
+    source = {"samples": torch.zeros(1, 4, 16, 16)}
+    canvas = {"samples": torch.ones(1, 4, 16, 16), "noise_mask": torch.ones(masks, 16, 16)}
+    with pytest.raises(ValueError, match=rf"^MasaCtrlLatentBatch: input 'target': its noise_mask holds {masks} "
+                                         rf"masks for {targets} targets?; give one mask for all targets or one for each"):
+        latents(source, targets=targets, target=canvas)
+
+
+def test_one_target_noise_mask_per_target_is_kept_row_by_row():
+    source = {"samples": torch.zeros(1, 4, 16, 16)}
+    masks = torch.stack([torch.full((16, 16), v) for v in (0.0, 1.0, 0.0)])
+    latent = latents(source, targets=3, target={"samples": torch.ones(1, 4, 16, 16), "noise_mask": masks})
+    assert latent["noise_mask"][:, 0].amax(dim=(1, 2)).tolist() == [1.0, 0.0, 1.0, 0.0]
