@@ -235,3 +235,44 @@ def elements(node: str, name: str, count: int, what: str) -> None:
     if count > MAX_ELEMENTS:
         raise error(node, name, f"{what} would hold {count:,} values (more than {MAX_ELEMENTS:,}, about "
                     f"{MAX_ELEMENTS * 4 // 2**30} GiB as float32); use a smaller size or batch.")
+
+
+# Latent channels of the VAE families a user is most likely to mix up.
+_FAMILIES_BY_CHANNELS = {4: "SD1.x, SD2.x or SDXL", 16: "FLUX.1 or SD3"}
+
+
+def _model_name(model) -> str:
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    return f"this model ({type(config).__name__})" if config is not None else "this model"
+
+
+def latent_for_model(node: str, name: str, latent: dict, model, dims: tuple[int, ...] = (4,)) -> None:
+    """Refuse a LATENT that belongs to another model than ``model`` (a MODEL): a 16-channel FLUX.1
+    or SD3 latent for a 4-channel SD model, or a 5-D video latent where an image latent
+    ``(batch, channels, height, width)`` belongs (``dims``: the ``ndim``s the node takes).
+
+    The channels are the model's latent format's (``latent_channels``; the UNet's ``in_channels``
+    when it has none). An all-zero latent of another channel count passes, as the host's samplers
+    take it: ``comfy.sample.fix_empty_latent_channels`` gives it the model's channels (the node must
+    call that). Call after ``inputs`` (which checked that ``latent`` is a LATENT)."""
+    samples = latent["samples"]
+    if samples.ndim not in dims:
+        kind = "a 5-D video latent (batch, channels, frames, height, width)" if samples.ndim == 5 else \
+            f"a {samples.ndim}-D latent"
+        want = " or ".join(f"{d}-D" for d in dims)
+        raise error(node, name, f"got {kind} of shape {tuple(samples.shape)}, but {_model_name(model)} takes "
+                    f"{want} image latents (batch, channels, height, width); encode the image with this "
+                    "checkpoint's VAE (VAE Encode) or use Empty Latent Image.")
+    latent_format = model.get_model_object("latent_format")
+    channels = getattr(latent_format, "latent_channels", None)
+    if channels is None:
+        channels = getattr(model.get_model_object("diffusion_model"), "in_channels", None)
+    if channels is None or samples.shape[1] == channels:
+        return
+    if not bool(torch.count_nonzero(samples) == 0):  # once per node run; an empty latent is resized by the host
+        got = samples.shape[1]
+        family = _FAMILIES_BY_CHANNELS.get(got)
+        origin = f" (a {family} VAE's)" if family else ""
+        raise error(node, name, f"the latent has {got} channels{origin}, but {_model_name(model)} takes "
+                    f"{channels}-channel latents; encode the image with this checkpoint's VAE, the one of "
+                    "the MODEL connected here.")

@@ -82,6 +82,14 @@ def word_map(model, clip, text: str, words: str, latent: torch.Tensor, noise_lev
     if not cross_attention_maps.cross_attention_layers(model.get_model_object("diffusion_model")):
         raise _error("model", "this model has no UNet cross-attention layers; use an SD1.x, SD2.x or SDXL "
                               "checkpoint.")
+    map_h, map_w = cross_attention_maps.map_resolution({"original_shape": list(latent.shape)})
+    if map_h * map_w < 2:
+        h, w = latent.shape[-2:]
+        raise _error("latent", f"a {w * VAE_SCALE}x{h * VAE_SCALE} px image ({w}x{h} latent) is too small: "
+                               f"its cross-attention maps (latent/4) are {map_w}x{map_h}, one position, which "
+                               f"cannot show where the words are. Use an image of at least {5 * VAE_SCALE} px on "
+                               f"one side (a latent of 5, maps of 2 positions); 512 px gives the official code's "
+                               f"16x16 maps.")
     indices = prompt_tokens.token_indices(clip, text, words, node=NODE)
     conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
@@ -91,8 +99,8 @@ def word_map(model, clip, text: str, words: str, latent: torch.Tensor, noise_lev
                                f"{tuple(latent.shape[-2:])}; use a larger latent.")
     b, _, m = maps[0].shape
     cross_attention.check_token_indices(indices, m, NODE, "words")
-    h, w = cross_attention_maps.map_resolution({"original_shape": list(latent.shape)})
-    return cross_attention.token_map(maps, cross_attention.selection([indices] * b, m, maps[0].device), h, w)
+    return cross_attention.token_map(maps, cross_attention.selection([indices] * b, m, maps[0].device),
+                                     map_h, map_w)
 
 
 def mask_and_heatmap(token_map: torch.Tensor, height: int, width: int, threshold: float,
@@ -159,10 +167,8 @@ class CrossAttentionMask(io.ComfyNode):
             raise _error("noise_level", f"{noise_level} is outside (0, 1]; use e.g. 0.5.")
         if not 0.0 <= threshold <= 1.0:
             raise _error("threshold", f"{threshold} is outside 0 to 1 (the map is normalised to 0-1).")
+        checks.latent_for_model(NODE, "latent", latent, model)
         samples = latent["samples"]
-        if samples.ndim != 4:
-            raise _error("latent", f"expected an image latent (batch, channels, height, width), got "
-                                   f"{tuple(samples.shape)}.")
         token_map = word_map(model, clip, text, words, samples, noise_level, seed)
         height, width = samples.shape[-2] * VAE_SCALE, samples.shape[-1] * VAE_SCALE
         mask, colours = mask_and_heatmap(token_map, height, width, threshold, image)

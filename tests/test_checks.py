@@ -187,3 +187,16 @@ def test_every_text_input_refuses_a_lone_surrogate_naming_node_and_input(node, s
     with pytest.raises(ValueError, match=rf"^{node_id}: input '{spec.id}': .*unpaired surrogate, U\+D800, at "
                                          r"position 2"):
         checks.check(node_id, spec, "a \ud800 hand")
+
+
+def test_latent_for_model_names_node_input_and_both_channel_counts(sd15):
+    checks.latent_for_model("Node", "latent", {"samples": torch.randn(2, 4, 8, 8)}, sd15)
+    checks.latent_for_model("Node", "latent", {"samples": torch.zeros(1, 16, 8, 8)}, sd15)  # empty: resized by the host
+    with pytest.raises(ValueError, match=r"^Node: input 'source': the latent has 16 channels \(a FLUX.1 or SD3 "
+                                         r"VAE's\), but this model \(SD15\) takes 4-channel latents"):
+        checks.latent_for_model("Node", "source", {"samples": torch.randn(1, 16, 8, 8)}, sd15)
+    with pytest.raises(ValueError, match=r"^Node: input 'latent': the latent has 12 channels, but this model"):
+        checks.latent_for_model("Node", "latent", {"samples": torch.randn(1, 12, 8, 8)}, sd15)
+    with pytest.raises(ValueError, match=r"^Node: input 'latent': got a 5-D video latent"):
+        checks.latent_for_model("Node", "latent", {"samples": torch.randn(1, 4, 2, 8, 8)}, sd15)
+    checks.latent_for_model("Node", "latent", {"samples": torch.randn(1, 4, 2, 8, 8)}, sd15, dims=(4, 5))

@@ -207,6 +207,39 @@ def test_a_lone_surrogate_in_the_text_fails_naming_node_and_input(sd15, name):
         run(sd15, **values)
 
 
+@pytest.mark.parametrize("side", [2, 3, 4])
+def test_a_latent_too_small_for_any_map_fails_naming_the_smallest_size_that_works(sd15, side):
+    # 16, 24 and 32 px: latent/4 maps of 1x1, where min-max leaves nothing (an empty mask)
+    with pytest.raises(ValueError, match=rf"^CrossAttentionMask: input 'latent': a {side * 8}x{side * 8} px image "
+                                         r".*too small.*at least 40 px on one side"):
+        run(sd15, side=side)
+
+
+def test_the_smallest_latent_named_in_the_error_gives_a_mask(sd15):
+    samples = torch.randn(1, 4, 5, 4, generator=torch.Generator().manual_seed(5))  # 40x32 px: maps of 2x1
+    mask, _ = CrossAttentionMask.execute(sd15, tokenizer_clip(), TEXT, "hand", {"samples": samples}, 0.5, 7, 0.3,
+                                         None).result
+    assert mask.shape == (1, 40, 32)
+    assert 0 < mask.mean() < 1
+
+
+@pytest.mark.parametrize("samples, expected", [
+    (torch.randn(1, 16, 8, 8), r"the latent has 16 channels \(a FLUX.1 or SD3 VAE's\), but this model \(SD15\) "
+                               r"takes 4-channel latents; encode the image with this checkpoint's VAE"),
+    (torch.randn(1, 4, 3, 8, 8), r"got a 5-D video latent .* of shape \(1, 4, 3, 8, 8\), but this model \(SD15\) "
+                                 r"takes 4-D image latents"),
+], ids=["flux-latent", "video-latent"])
+def test_a_latent_of_another_model_fails_naming_its_channels_and_the_models(sd15, samples, expected):
+    with pytest.raises(ValueError, match=rf"^CrossAttentionMask: input 'latent': {expected}"):
+        CrossAttentionMask.execute(sd15, tokenizer_clip(), TEXT, "hand", {"samples": samples}, 0.5, 7, 0.3, None)
+
+
+def test_an_empty_latent_of_another_channel_count_is_resized_as_the_hosts_samplers_do(sd15):
+    mask, _ = CrossAttentionMask.execute(sd15, tokenizer_clip(), TEXT, "hand", {"samples": torch.zeros(1, 16, 8, 8)},
+                                         0.5, 7, 0.3, None).result
+    assert mask.shape == (1, 64, 64)
+
+
 def test_sdxl_reads_its_latent_over_4_layers():
     model = tm.tiny_model("sdxl")
     clip = tokenizer_clip("sdxl")
