@@ -13,6 +13,7 @@ from comfy_api.latest import io
 from ..attention import cross_attention, masactrl
 from ..samplers import step_clock
 from . import checks, cross_attention_maps, masactrl_dit
+from .masactrl_batch import attach_prompts_to_batch
 from . import step_clock as clock_nodes
 from .unet_layers import LayerKey, attn1_module, self_attention_layers
 
@@ -377,6 +378,7 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = DEFAULT_START_
             preferred = getattr(cross_attention_maps.attn2_module(diffusion_model, key), "comfy_attention", None)
             patched.set_model_attn2_replace(cross_attention_maps.recording_attn2(on_maps, previous, preferred), *key)
     clock_nodes.attach(patched)
+    attach_prompts_to_batch(patched)  # one target prompt for every target
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                                  _outer_sample_wrapper(settings, count))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY,

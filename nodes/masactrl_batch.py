@@ -7,6 +7,7 @@ import math
 
 import torch
 
+import comfy.patcher_extension
 from comfy_api.latest import io
 
 from . import checks
@@ -16,7 +17,10 @@ BATCHED_KEYS = ("pooled_output",)
 SHARED_KEYS = ("guidance",)
 # T5-XXL text embeddings (Flux, SD3): there the text tokens join the image tokens' attention.
 JOINT_TEXT_WIDTH = 4096
-
+# How many prompts a stacked entry holds (source first), written by stack_conditioning: a run whose latent
+# batch has more targets gives each extra target the target prompt (prompts_to_batch).
+PROMPT_ROWS = "masactrl_prompt_rows"
+WRAPPER_KEY = "consistent_synthesis.masactrl_prompt_rows"
 
 def _pad_tokens(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Repeat each token sequence up to a common length (their lcm), as ComfyUI batches prompts.
@@ -55,11 +59,63 @@ def stack_conditioning(source: list, target: list, node: str = "MasaCtrlConditio
             logging.warning("%s: the source has %d text tokens and the target %d; in Flux and SD3 the shorter "
                             "prompt is repeated, which weighs its text more than it would alone. Shorten the "
                             "longer prompt to match for exact results.", node, c_s.shape[1], c_t.shape[1])
-        ignored = sorted(k for k in d_t if k not in BATCHED_KEYS and k not in d_s)
+        ignored = sorted(k for k in d_t if k not in BATCHED_KEYS and k not in d_s and k != PROMPT_ROWS)
         if ignored:
             logging.warning("%s: the target's %s are not carried over; apply them after batching.", node, ignored)
-        out.append([torch.cat(_pad_tokens([c_s, c_t])), d])
+        stacked = torch.cat(_pad_tokens([c_s, c_t]))
+        d[PROMPT_ROWS] = stacked.shape[0]
+        out.append([stacked, d])
     return out
+
+
+def prompts_to_batch(conds: dict, batch: int) -> None:
+    """Fit the stacked prompts of a sampling run to its latent batch of ``batch`` images.
+
+    ComfyUI repeats a conditioning to the latent batch: [source, target] over a source and three
+    targets would be [source, target, source, target], the second target drawn with the source's
+    prompt. A stack of one source and one target prompt becomes [source, target, target, target]
+    instead; a stack of several targets must match the batch. ``conds`` are the run's own cond lists
+    (the guider's per-run copies, prompt rows under ``cross_attn``); entries are replaced, not changed.
+    """
+    for entries in conds.values():
+        if not isinstance(entries, list):
+            continue
+        for i, entry in enumerate(entries):
+            rows = entry.get(PROMPT_ROWS) if isinstance(entry, dict) else None
+            context = entry.get("cross_attn") if rows is not None else None
+            if not isinstance(context, torch.Tensor) or context.shape[0] != rows or rows == batch:
+                continue  # not ours, changed since stacking, or already one prompt per image
+            if rows == 2 and batch > 2:
+                index = torch.tensor([0] + [1] * (batch - 1))
+                entry = dict(entry)
+                for key in ("cross_attn",) + BATCHED_KEYS:
+                    value = entry.get(key)
+                    if isinstance(value, torch.Tensor) and value.shape[0] == 2:
+                        entry[key] = value.index_select(0, index.to(value.device))
+                entries[i] = entry
+            elif rows > 2:
+                raise ValueError(
+                    f"MasaCtrlConditioningBatch: input 'target': the conditioning stacks {rows} prompts (the source "
+                    f"and {rows - 1} targets) but the latent batch holds {batch} images (the source and "
+                    f"{batch - 1} targets, MasaCtrl Latent Batch 'targets'). Set MasaCtrl Latent Batch 'targets' to "
+                    f"{rows - 1}, or give one target prompt for all targets (a single MasaCtrl Conditioning Batch).")
+
+
+def _prompts_to_batch_wrapper(executor, *args, **kwargs):
+    # guider.outer_sample(noise, latent_image, sampler, sigmas, ...): the guider's conds are per-run copies
+    conds = getattr(executor.class_obj, "conds", None)
+    if isinstance(conds, dict) and args and isinstance(args[0], torch.Tensor):
+        prompts_to_batch(conds, args[0].shape[0])
+    return executor(*args, **kwargs)
+
+
+def attach_prompts_to_batch(model_patcher) -> None:
+    """Make every sampling run of ``model_patcher`` (a clone the caller owns) fit stacked prompts to the
+    latent batch (``prompts_to_batch``), before the host builds the model's conditioning from them."""
+    wrappers = model_patcher.wrappers.get(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, {})
+    if _prompts_to_batch_wrapper not in wrappers.get(WRAPPER_KEY, []):
+        model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                                           _prompts_to_batch_wrapper)
 
 
 class MasaCtrlConditioningBatch(io.ComfyNode):
@@ -72,15 +128,17 @@ class MasaCtrlConditioningBatch(io.ComfyNode):
             display_name="MasaCtrl Conditioning Batch",
             category="consistent synthesis/MasaCtrl",
             description=("Stacks the source prompt and the target prompt along the batch, so one KSampler "
-                         "draws the source and its targets together. Chain it for more targets; apply "
-                         "ControlNet after batching."),
+                         "draws the source and its targets together. Sampled through MasaCtrl Attention Patch, "
+                         "one target prompt serves every target of MasaCtrl Latent Batch; chain it for a prompt "
+                         "per target. Apply ControlNet after batching."),
             inputs=[
                 io.Conditioning.Input("source", tooltip=(
                     "Prompt of the source image (batch position 0), or an earlier batch to extend.")),
                 io.Conditioning.Input("target", tooltip=(
                     "Prompt of the next target image(s), appended after the source.")),
             ],
-            outputs=[io.Conditioning.Output(tooltip="One prompt per latent in the batch, source first.")],
+            outputs=[io.Conditioning.Output(tooltip="The source's prompt, then the target prompt(s): one for all "
+                                            "targets or one per target.")],
         )
 
     @classmethod

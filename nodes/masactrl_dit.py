@@ -30,6 +30,7 @@ import comfy.patcher_extension
 from ..attention import joint_attention
 from ..samplers import step_clock
 from . import checks
+from .masactrl_batch import attach_prompts_to_batch
 from . import step_clock as clock_nodes
 
 NODE = "MasaCtrlAttentionPatch"
@@ -252,6 +253,7 @@ def patch_dit_model(model_patcher, *, start_step: int = 0, start_layer: int = 0,
         patched.set_model_patch_replace(_BlockPatch(settings, layer, name == "single_block", existing.get(keys[layer])),
                                         "dit", name, index)
     clock_nodes.attach(patched)
+    attach_prompts_to_batch(patched)  # one target prompt for every target
     if kind == "flux":
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
                                      _record_text_tokens)

@@ -140,3 +140,77 @@ def test_one_target_noise_mask_per_target_is_kept_row_by_row():
     masks = torch.stack([torch.full((16, 16), v) for v in (0.0, 1.0, 0.0)])
     latent = latents(source, targets=3, target={"samples": torch.ones(1, 4, 16, 16), "noise_mask": masks})
     assert latent["noise_mask"][:, 0].amax(dim=(1, 2)).tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def record_prompt_rows(model):
+    """The clone's DIFFUSION_MODEL calls as (cond_or_uncond, text context rows) per call."""
+    import comfy.patcher_extension
+
+    calls = []
+
+    def record(executor, x, t, *args, **kwargs):
+        options = kwargs.get("transformer_options") or next(a for a in args if isinstance(a, dict)
+                                                            and "cond_or_uncond" in a)
+        context = kwargs.get("context", args[0] if args else None)
+        calls.append((list(options["cond_or_uncond"]), context.detach().clone()))
+        return executor(x, t, *args, **kwargs)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.prompt_rows", record)
+    return calls
+
+
+def assert_rows_are(context, first, rest, batch):
+    """Row 0 of ``context`` is the prompt ``first``, rows 1 to batch - 1 are ``rest``."""
+    assert context.shape[0] == batch
+    assert torch.equal(context[0], first[0][0][0])
+    for row in range(1, batch):
+        assert torch.equal(context[row], rest[0][0][0]), f"row {row} is not the target prompt"
+
+
+@pytest.mark.parametrize("targets", [1, 3, 4])
+def test_every_target_gets_the_target_prompt_for_cond_and_uncond(sd15, targets):
+    """One MasaCtrl Conditioning Batch for positive and negative, MasaCtrl Latent Batch with 1, 3 and 4
+    targets: the model sees the source's prompts in row 0 and the target's in every other row (the
+    host alone would repeat [source, target], giving targets 2, 4, ... the source's prompt)."""
+    source, target = tm.conditioning("sd15", seed=1), tm.conditioning("sd15", seed=2)
+    negative_source, negative_target = tm.conditioning("sd15", seed=3), tm.conditioning("sd15", seed=4)
+    model = MasaCtrlAttentionPatch.execute(sd15, 0, 10, -1, -1, "mutual", 0).result[0].clone()
+    calls = record_prompt_rows(model)
+    latent = latents({"samples": torch.zeros(1, 4, 16, 16)}, targets=targets)
+    run(model, latent, stack(source, target), stack(negative_source, negative_target), steps=2)
+    batch = 1 + targets
+    seen = set()
+    for cond_or_uncond, context in calls:
+        for chunk, kind in enumerate(cond_or_uncond):  # 0 = cond, 1 = uncond; each chunk the whole batch
+            first, rest = (source, target) if kind == 0 else (negative_source, negative_target)
+            assert_rows_are(context[chunk * batch:(chunk + 1) * batch], first, rest, batch)
+            seen.add(kind)
+    assert seen == {0, 1} and len(calls) >= 2
+
+
+def test_without_the_patch_the_host_repeats_source_and_target():
+    """Why the patch fits the prompts: a plain run over 1 + 3 images gives target 2 the source's prompt."""
+    model = tm.tiny_model("sd15").clone()
+    calls = record_prompt_rows(model)
+    source, target = tm.conditioning("sd15", seed=1), tm.conditioning("sd15", seed=2)
+    run(model, latents({"samples": torch.zeros(1, 4, 16, 16)}, targets=3), stack(source, target),
+        tm.conditioning("sd15", seed=3), steps=1)
+    cond_or_uncond, context = calls[0]
+    rows = context[cond_or_uncond.index(0) * 4:][:4]
+    assert torch.equal(rows[2], source[0][0][0]) and torch.equal(rows[3], target[0][0][0])
+
+
+def test_prompts_for_each_target_pass_unchanged_and_a_count_mismatch_is_refused(sd15):
+    prompts = [tm.conditioning("sd15", seed=s) for s in (1, 2, 3)]
+    negative = tm.conditioning("sd15", seed=4)
+    model = MasaCtrlAttentionPatch.execute(sd15, 0, 10, -1, -1, "mutual", 0).result[0].clone()
+    calls = record_prompt_rows(model)
+    three = stack(stack(prompts[0], prompts[1]), prompts[2])
+    run(model, latents({"samples": torch.zeros(1, 4, 16, 16)}, targets=2), three, negative, steps=1)
+    cond_or_uncond, context = calls[0]
+    rows = context[cond_or_uncond.index(0) * 3:][:3]
+    for row in range(3):
+        assert torch.equal(rows[row], prompts[row][0][0][0])
+    with pytest.raises(ValueError, match="MasaCtrlConditioningBatch: input 'target': the conditioning stacks 3 "
+                                         r"prompts.*holds 4 images.*Set MasaCtrl Latent Batch 'targets' to 2"):
+        run(model, latents({"samples": torch.zeros(1, 4, 16, 16)}, targets=3), three, negative, steps=1)

@@ -96,3 +96,37 @@ def test_t5_prompts_of_different_length_are_reported(caplog):
     with caplog.at_level(logging.WARNING):
         stack(source, source)
     assert "text tokens" not in caplog.text
+
+
+def test_every_flux_target_gets_the_target_prompt_and_pooled_vector():
+    """One target prompt for three targets on patched Flux: text and pooled rows are [source, target x 3]
+    in the positive and in the stacked negative (the host alone repeats [source, target])."""
+    import comfy.patcher_extension
+
+    prompts = [td.conditioning("flux", seed=s) for s in (1, 2, 3, 4)]
+    model = D.patch_dit_model(td.tiny_dit("flux"), start_step=1, layers=[0, 17])
+    calls = []
+
+    def record(executor, x, t, context, y, *args, **kwargs):  # Flux.forward(x, timestep, context, y, ...)
+        options = kwargs.get("transformer_options") or next(a for a in args if isinstance(a, dict)
+                                                            and "cond_or_uncond" in a)
+        calls.append((list(options["cond_or_uncond"]), context.clone(), y.clone()))
+        return executor(x, t, context, y, *args, **kwargs)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.prompt_rows", record)
+    samples = latents({"samples": torch.zeros(1, 16, 8, 8)}, targets=3)["samples"]
+    # cfg above 1, so the negative is evaluated too
+    comfy.sample.sample(model, torch.randn(samples.shape), 1, 2.0, "euler", "simple", stack(prompts[0], prompts[1]),
+                        stack(prompts[2], prompts[3]), samples, disable_pbar=True, seed=7)
+    seen = set()
+    for cond_or_uncond, context, pooled in calls:
+        for chunk, kind in enumerate(cond_or_uncond):
+            first, rest = (prompts[0], prompts[1]) if kind == 0 else (prompts[2], prompts[3])
+            rows = slice(chunk * 4, chunk * 4 + 4)
+            assert torch.equal(context[rows][0], first[0][0][0])
+            assert torch.equal(pooled[rows][0], first[0][1]["pooled_output"][0])
+            for row in range(1, 4):
+                assert torch.equal(context[rows][row], rest[0][0][0])
+                assert torch.equal(pooled[rows][row], rest[0][1]["pooled_output"][0])
+            seen.add(kind)
+    assert seen == {0, 1}
