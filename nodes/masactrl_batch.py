@@ -22,6 +22,7 @@ JOINT_TEXT_WIDTH = 4096
 PROMPT_ROWS = "masactrl_prompt_rows"
 WRAPPER_KEY = "consistent_synthesis.masactrl_prompt_rows"
 
+
 def _pad_tokens(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Repeat each token sequence up to a common length (their lcm), as ComfyUI batches prompts.
 
