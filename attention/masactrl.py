@@ -32,14 +32,39 @@ is regular), masks enter as additive key biases, so a patched layer costs the GP
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .layer_selection import LayerSelection, StepWindow
+
 AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, heads, mask=None) -> out
 
 MODES = ("mutual", "union")
+
+
+@dataclass(frozen=True, eq=False)
+class MasaCtrlSettings:
+    """One MasaCtrl patch's settings, built and validated once at the node boundary.
+
+    ``layers`` are the resolved layer (or block) indices that ``selection`` chose on the model.
+    Masks and token lists are for the UNet's mask-guided variants; ``eq=False``: a settings
+    object is its own identity (a run keeps its per-patch state under it).
+    """
+
+    window: StepWindow
+    selection: LayerSelection
+    layers: tuple[int, ...]
+    mode: str = "mutual"
+    source_index: int = 0
+    source_mask: torch.Tensor | None = None
+    target_mask: torch.Tensor | None = None
+    auto_mask: bool = False
+    source_tokens: tuple[int, ...] = (1,)
+    target_tokens: tuple[int, ...] = (1,)
+    mask_threshold: float = 0.1
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,

@@ -35,8 +35,9 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
-from ..samplers import inversion
+from ..samplers import inversion, run_context
 from . import checks
+from . import run_context as run_context_nodes
 
 WRAPPER_KEY = "consistent_synthesis.inverted_source"
 PATH_KEYS = ("inversion_path", "inversion_sigmas", "inversion_settings")
@@ -146,8 +147,10 @@ class _RunState:
     def __init__(self, path: torch.Tensor, sigmas: torch.Tensor, batch: int):
         self.path, self.sigmas, self.batch = path, sigmas, batch
 
-    def __deepcopy__(self, memo):
-        return self
+
+def _run_state(transformer_options: dict) -> _RunState | None:
+    context = run_context.current(transformer_options)
+    return None if context is None else context.peek(WRAPPER_KEY)
 
 
 def _mismatch(node: str, run: torch.Tensor, settings: dict) -> str:
@@ -213,17 +216,15 @@ def inverted_source_patch(model, inverted: dict, node: str = "MasaCtrlInvertedSo
         # the sampler's space, once a run: the host applies process_latent_in to the whole latent batch
         path = base.process_latent_in(path_latent[:, 0].to(device))
         state = _RunState(path, sigmas.flip(0).to(device), latent_image.shape[0])
-        guider.model_options.setdefault("transformer_options", {})[WRAPPER_KEY] = state
-        try:
+        with run_context_nodes.opened(guider.model_options.setdefault("transformer_options", {})) as context:
+            context.state(WRAPPER_KEY, lambda: state)
             out = executor(noise_in, latent_image, sampler, sigmas, *args, **kwargs)
-        finally:
-            guider.model_options["transformer_options"].pop(WRAPPER_KEY, None)
         out = out.clone()
         out[:1] = path_latent[0].to(out)  # the source row is the real image, exactly
         return out
 
     def sampler_sample(executor, guider, sigmas, extra_args, callback, noise_in, latent_image=None, *args, **kwargs):
-        state = extra_args["model_options"].get("transformer_options", {}).get(WRAPPER_KEY)
+        state = _run_state(extra_args["model_options"].get("transformer_options", {}))
         if state is not None:
             model_sampling = guider.inner_model.model_sampling
             max_denoise = executor.class_obj.max_denoise(guider, sigmas)
@@ -234,7 +235,7 @@ def inverted_source_patch(model, inverted: dict, node: str = "MasaCtrlInvertedSo
 
     def apply_model(executor, x, t, *args, **kwargs):
         options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
-        state = options.get(WRAPPER_KEY)
+        state = _run_state(options)
         if state is not None and x.shape[0] % state.batch == 0:
             latent = inversion.path_latent(state.path, state.sigmas, t[:1])
             x = inversion.drive_rows(x, latent, state.batch)

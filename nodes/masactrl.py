@@ -11,15 +11,15 @@ import comfy.patcher_extension
 from comfy_api.latest import io
 
 from ..attention import cross_attention, masactrl
-from ..samplers import step_clock
+from ..attention.layer_selection import LayerSelection, StepWindow
+from ..samplers import run_context, step_clock
 from . import checks, cross_attention_maps, masactrl_dit
 from .masactrl_batch import attach_prompts_to_batch
-from . import step_clock as clock_nodes
+from . import run_context as run_context_nodes
 from .unet_layers import LayerKey, attn1_module, self_attention_layers
 
 NODE = "MasaCtrlAttentionPatch"
 WRAPPER_KEY = "consistent_synthesis.masactrl"
-RUN_KEY = "consistent_synthesis.masactrl_run"
 DEFAULT_START_LAYER = 10  # the paper's SD setting (the decoder); on FLUX.1 the default is FreeFlux's set
 
 
@@ -83,98 +83,81 @@ class _RunState:
         return self.maps_sum / self.maps_count
 
 
-class _RunStates:
-    """The run states of every MasaCtrl patch on the model, by patch. Not a dict: the host copies
-    nested dicts of the transformer options for every model call, objects it passes along."""
-
-    def __init__(self):
-        self.by_patch: dict[int, _RunState] = {}
-
-
-def _run_state(extra_options: dict, settings: dict) -> _RunState:
-    states = extra_options.get(RUN_KEY)
-    if states is None:  # called outside a sampling run of the patched model: nothing to reuse
+def _run_state(extra_options: dict, settings: masactrl.MasaCtrlSettings) -> _RunState:
+    context = run_context.current(extra_options)
+    if context is None:  # called outside a sampling run of the patched model: nothing to reuse
         return _RunState()
-    state = states.by_patch.get(id(settings))
-    if state is None:
-        state = states.by_patch[id(settings)] = _RunState()
-    return state
+    return context.state((WRAPPER_KEY, settings), _RunState)
 
 
-class _LayerPatch:
-    """The attn1 replacement for one layer: MasaCtrl inside the step window, else the previous attention."""
+def _given_masks(settings: masactrl.MasaCtrlSettings, state: _RunState, h: int, w: int, device, dtype):
+    key = (h, w, device, dtype)
+    if key not in state.masks:
+        source = masactrl.resize_mask(settings.source_mask, h, w)[0].to(device, dtype)
+        target = masactrl.resize_mask(settings.target_mask, h, w).to(device, dtype)
+        state.masks[key] = (source, target, masactrl.region_biases(source, dtype))
+    return state.masks[key]
 
-    def __init__(self, settings: dict, previous=None, attention=None, preferred=None):
-        self.settings = settings
-        self.previous = previous
-        self.attention = attention
-        self.preferred = preferred
 
-    def __deepcopy__(self, memo):
-        # ModelPatcher.clone deep-copies model_options; the patch is immutable, so clones share it.
-        return self
+def _auto_masks(settings: masactrl.MasaCtrlSettings, state: _RunState, extra_options: dict, dtype):
+    """The official auto variant's masks at this layer: the conditional source and target rows'
+    token maps (latent/4, averaged over the layers so far), nearest-resized, thresholded."""
+    maps = state.maps(extra_options.get("sigmas"))
+    if maps is None:
+        return None  # no cross-attention map yet in this evaluation: plain mutual attention
+    h, w = extra_options["activations_shape"][-2:]
+    key = (h, w, dtype)
+    if key not in state.auto_masks:
+        s = settings
+        per_chunk, _, prompt = maps.shape
+        for name in ("source_tokens", "target_tokens"):
+            cross_attention.check_token_indices(getattr(s, name), prompt, NODE, name)
+        if state.selection is None or state.selection.shape != (per_chunk, prompt):
+            rows = [s.target_tokens] * per_chunk
+            rows[s.source_index] = s.source_tokens
+            state.selection = cross_attention.selection(rows, prompt, maps.device)
+        map_h, map_w = cross_attention_maps.map_resolution(extra_options)
+        token_maps = cross_attention.token_map([maps], state.selection, map_h, map_w)
+        binary = (masactrl.resize_mask(token_maps, h, w) >= s.mask_threshold).to(dtype)
+        source = binary[s.source_index]
+        target = masactrl._without_row(binary[None], s.source_index)[0]
+        state.auto_masks[key] = (source, target, masactrl.region_biases(source, dtype))
+    return state.auto_masks[key]
 
-    def _given_masks(self, state: _RunState, h: int, w: int, device, dtype):
-        key = (h, w, device, dtype)
-        if key not in state.masks:
-            s = self.settings
-            source = masactrl.resize_mask(s["source_mask"], h, w)[0].to(device, dtype)
-            target = masactrl.resize_mask(s["target_mask"], h, w).to(device, dtype)
-            state.masks[key] = (source, target, masactrl.region_biases(source, dtype))
-        return state.masks[key]
 
-    def _auto_masks(self, state: _RunState, extra_options: dict, dtype):
-        """The official auto variant's masks at this layer: the conditional source and target rows'
-        token maps (latent/4, averaged over the layers so far), nearest-resized, thresholded."""
-        maps = state.maps(extra_options.get("sigmas"))
-        if maps is None:
-            return None  # no cross-attention map yet in this evaluation: plain mutual attention
-        h, w = extra_options["activations_shape"][-2:]
-        key = (h, w, dtype)
-        if key not in state.auto_masks:
-            s = self.settings
-            per_chunk, _, prompt = maps.shape
-            for name in ("source_tokens", "target_tokens"):
-                cross_attention.check_token_indices(s[name], prompt, NODE, name)
-            if state.selection is None or state.selection.shape != (per_chunk, prompt):
-                rows = [s["target_tokens"]] * per_chunk
-                rows[s["source_index"]] = s["source_tokens"]
-                state.selection = cross_attention.selection(rows, prompt, maps.device)
-            map_h, map_w = cross_attention_maps.map_resolution(extra_options)
-            token_maps = cross_attention.token_map([maps], state.selection, map_h, map_w)
-            binary = (masactrl.resize_mask(token_maps, h, w) >= s["mask_threshold"]).to(dtype)
-            source = binary[s["source_index"]]
-            target = masactrl._without_row(binary[None], s["source_index"])[0]
-            state.auto_masks[key] = (source, target, masactrl.region_biases(source, dtype))
-        return state.auto_masks[key]
+def _layer_patch(settings: masactrl.MasaCtrlSettings, previous=None, attention=None, preferred=None):
+    """The attn1 replacement for one layer: MasaCtrl inside the step window, else the previous attention.
+    A closure over immutable settings, so the host's deep copies of the model options share it."""
+    s = settings
 
-    def __call__(self, q, k, v, extra_options):
-        s = self.settings
-        if not step_clock.in_window(extra_options, s["start_step"], s["end_step"]):
-            if self.previous is not None:
-                return self.previous(q, k, v, extra_options)
-            return _host_attention(extra_options, self.preferred)(q, k, v, extra_options["n_heads"])
+    def patch(q, k, v, extra_options):
+        if not step_clock.in_window(extra_options, s.window):
+            if previous is not None:
+                return previous(q, k, v, extra_options)
+            return _host_attention(extra_options, preferred)(q, k, v, extra_options["n_heads"])
 
         source_mask = target_mask = biases = None
-        if s["source_mask"] is not None:
+        if s.source_mask is not None:
             h, w = extra_options["activations_shape"][-2:]
-            source_mask, target_mask, biases = self._given_masks(_run_state(extra_options, s), h, w, q.device,
-                                                                 q.dtype)
-        elif s["auto_mask"]:
-            masks = self._auto_masks(_run_state(extra_options, s), extra_options, q.dtype)
+            source_mask, target_mask, biases = _given_masks(s, _run_state(extra_options, s), h, w, q.device,
+                                                            q.dtype)
+        elif s.auto_mask:
+            masks = _auto_masks(s, _run_state(extra_options, s), extra_options, q.dtype)
             if masks is not None:
                 source_mask, target_mask, biases = masks
         try:
             return masactrl.mutual_self_attention(
                 q, k, v, extra_options["n_heads"], chunks=len(extra_options["cond_or_uncond"]),
-                source_index=s["source_index"], mode=s["mode"],
-                attention=self.attention or _host_attention(extra_options, self.preferred),
+                source_index=s.source_index, mode=s.mode,
+                attention=attention or _host_attention(extra_options, preferred),
                 source_mask=source_mask, target_mask=target_mask, biases=biases)
         except ValueError as e:
             raise ValueError(f"{NODE}: {e}") from e
+    patch.settings = settings  # for a caller that inspects the patched model
+    return patch
 
 
-def _map_recorder(settings: dict):
+def _map_recorder(settings: masactrl.MasaCtrlSettings):
     """``on_maps`` for the attn2 recorders: keeps the conditional rows' maps of each evaluation."""
     def on_maps(maps: torch.Tensor, extra_options: dict) -> None:
         cond_or_uncond = extra_options["cond_or_uncond"]
@@ -187,15 +170,10 @@ def _map_recorder(settings: dict):
     return on_maps
 
 
-def _sampler_sample_wrapper(executor, *args, **kwargs):
-    """A fresh per-run state holder in the run's own copy of the transformer options."""
-    args[2]["model_options"].setdefault("transformer_options", {}).setdefault(RUN_KEY, _RunStates())
-    return executor(*args, **kwargs)
-
-
-def _layer_list(text: str) -> list[int] | None:
-    """The node's ``layers`` STRING ("10, 12, 14") as a list; blank means start_layer to end_layer."""
-    return checks.integer_list(NODE, "layers", text, "10, 12, 14") or None
+def _layer_selection(start_layer: int, end_layer: int, text: str) -> LayerSelection:
+    """The node's ``layers`` STRING: blank (start_layer to end_layer), a preset name or a list ("10, 12, 14")."""
+    return LayerSelection.from_text(NODE, start_layer, end_layer, text,
+                                    lambda t: checks.integer_list(NODE, "layers", t, "10, 12, 14"))
 
 
 def _token_list(tokens, input_name: str) -> list[int]:
@@ -205,13 +183,13 @@ def _token_list(tokens, input_name: str) -> list[int]:
     return [int(t) for t in tokens]
 
 
-def _check_latent(settings: dict, latent: torch.Tensor) -> None:
+def _check_latent(settings: masactrl.MasaCtrlSettings, latent: torch.Tensor) -> None:
     """Reject a batch that MasaCtrl cannot use before any step is computed."""
     batch = latent.shape[0]
-    checks.masactrl_batch(NODE, batch, settings["source_index"])
+    checks.masactrl_batch(NODE, batch, settings.source_index)
     lh, lw = latent.shape[-2:]
     for name in ("source_mask", "target_mask"):
-        mask = settings[name]
+        mask = getattr(settings, name)
         if mask is None:
             continue
         mh, mw = mask.shape[-2:]
@@ -219,16 +197,16 @@ def _check_latent(settings: dict, latent: torch.Tensor) -> None:
             raise _error(name, f"its {mw}x{mh} aspect does not match the {lw * 8}x{lh * 8} image being "
                          "sampled; resize or crop the mask to the image.")
     targets = batch - 1
-    if settings["target_mask"] is not None and settings["target_mask"].shape[0] not in (1, targets):
-        raise _error("target_mask", f"holds {settings['target_mask'].shape[0]} masks for {targets} targets; "
+    if settings.target_mask is not None and settings.target_mask.shape[0] not in (1, targets):
+        raise _error("target_mask", f"holds {settings.target_mask.shape[0]} masks for {targets} targets; "
                      f"give one mask for all targets or one for each.")
 
 
-def _check_tokens_against_prompts(settings: dict, batch: int, positive) -> None:
+def _check_tokens_against_prompts(settings: masactrl.MasaCtrlSettings, batch: int, positive) -> None:
     """Automatic masks: each token list must point into its own row's prompt. A batch repeats a
     shorter prompt up to the longest's length, so an index past the shorter prompt would silently
     read a repeated token; the maps alone cannot tell, the conditioning can (once per run)."""
-    source = settings["source_index"]
+    source = settings.source_index
     for entry in positive or []:
         context = entry.get("cross_attn") if isinstance(entry, dict) else None
         if not isinstance(context, torch.Tensor) or context.ndim != 3:
@@ -251,48 +229,63 @@ def _check_tokens_against_prompts(settings: dict, batch: int, positive) -> None:
             which = "the source prompt" if row == source else f"the target prompt of batch row {row}"
             if own < context.shape[1]:
                 which += f" (repeated to {context.shape[1]} tokens in the batch)"
-            cross_attention.check_token_indices(settings[name], own, NODE, name, which)
+            cross_attention.check_token_indices(getattr(settings, name), own, NODE, name, which)
 
 
-def _outer_sample_wrapper(settings: dict, layer_count: int):
+def _outer_sample_wrapper(settings: masactrl.MasaCtrlSettings, layer_count: int):
     def wrapper(executor, *args, **kwargs):
         latent, sigmas = args[1], args[3]
         _check_latent(settings, latent)
-        if settings["auto_mask"]:
+        if settings.auto_mask:
             conds = getattr(getattr(executor, "class_obj", None), "conds", None) or {}
             _check_tokens_against_prompts(settings, latent.shape[0], conds.get("positive"))
         steps = len(sigmas) - 1
-        end_step = steps if settings["end_step"] < 0 else min(settings["end_step"], steps)
-        layers = settings["layers"]
-        if settings["start_step"] >= end_step or not layers:
-            logging.warning("%s: nothing is patched in this run (steps %d-%d of %d, layers %d-%d of %d).", NODE,
-                            settings["start_step"], end_step, steps, settings["start_layer"],
-                            settings["end_layer"], layer_count)
+        window, layers = settings.window, settings.layers
+        end_step = window.end(steps)
+        if window.start_step >= end_step or not layers:
+            logging.warning("%s: nothing is patched in this run (steps %d-%d of %d, layers %s of %d).", NODE,
+                            window.start_step, end_step, steps, settings.selection.describe(layers), layer_count)
         else:
-            contiguous = layers == list(range(layers[0], layers[-1] + 1))
-            logging.info("%s: %s self-attention%s on steps %d-%d of %d, layers %s of %d.", NODE, settings["mode"],
-                         " with automatic masks" if settings["auto_mask"] else "", settings["start_step"],
-                         end_step - 1, steps, f"{layers[0]}-{layers[-1]}" if contiguous else layers, layer_count)
+            logging.info("%s: %s self-attention%s on steps %d-%d of %d, layers %s of %d.", NODE, settings.mode,
+                         " with automatic masks" if settings.auto_mask else "", window.start_step,
+                         end_step - 1, steps, settings.selection.describe(layers), layer_count)
         return executor(*args, **kwargs)
     return wrapper
 
 
-def patch_model(model, *, start_step: int = 4, start_layer: int = DEFAULT_START_LAYER, end_step: int = -1, end_layer: int = -1,
-                mode: str = "mutual", source_index: int = 0, source_mask=None, target_mask=None,
-                auto_mask: bool = False, source_tokens=(1,), target_tokens=(1,), mask_threshold: float = 0.1,
-                layers: list[int] | None = None, attention=None):
+def _selection(model, start_layer: int, end_layer: int, layers, preset: str) -> LayerSelection:
+    """The layer selection asked for. Old API prompts keep their meaning: on FLUX.1 with layers blank and
+    start_layer/end_layer at their defaults the patch has always acted in FreeFlux's blocks; it still does,
+    and the log says how to ask for that explicitly."""
+    selection = LayerSelection(start_layer, end_layer, tuple(layers or ()), preset)
+    if not layers and not preset and start_layer == DEFAULT_START_LAYER and end_layer == -1 \
+            and masactrl_dit.is_flux1(model):
+        logging.info("%s: layers blank and start_layer 10 on FLUX.1 mean FreeFlux's non-rigid blocks, as in "
+                     "earlier versions; write layers = 'freeflux' to ask for them explicitly, or set layers to "
+                     "'10' (or start_layer 11 and back) for block 10 on.", NODE)
+        selection = LayerSelection(start_layer, end_layer, (), "freeflux")
+    return selection
+
+
+def patch_model(model, *, start_step: int = 4, start_layer: int = DEFAULT_START_LAYER, end_step: int = -1,
+                end_layer: int = -1, mode: str = "mutual", source_index: int = 0, source_mask=None,
+                target_mask=None, auto_mask: bool = False, source_tokens=(1,), target_tokens=(1,),
+                mask_threshold: float = 0.1, layers: list[int] | None = None, preset: str = "", attention=None):
     """A clone of ``model`` with MasaCtrl on the self-attention layers ``[start_layer, end_layer)``.
 
-    ``layers``: an explicit list of layers instead of ``[start_layer, end_layer)``.
-    ``auto_mask``: masks from the prompts' cross-attention maps of ``source_tokens`` and
-    ``target_tokens`` (official ``MutualSelfAttentionControlMaskAuto``), thresholded at
-    ``mask_threshold``. ``attention(q, k, v, heads, mask=None)`` replaces ComfyUI's optimized
-    attention inside MasaCtrl layers (benchmarks compare it with the official code's
-    materialized attention matrix).
+    ``layers``: an explicit list of layers instead of ``[start_layer, end_layer)``; ``preset``: a
+    published block set by name (``layer_selection.PRESETS``). ``auto_mask``: masks from the prompts'
+    cross-attention maps of ``source_tokens`` and ``target_tokens`` (official
+    ``MutualSelfAttentionControlMaskAuto``), thresholded at ``mask_threshold``. ``attention(q, k, v,
+    heads, mask=None)`` replaces ComfyUI's optimized attention inside MasaCtrl layers (benchmarks
+    compare it with the official code's materialized attention matrix). The settings are built and
+    validated here, once, into a frozen ``MasaCtrlSettings``.
     """
     # read even with auto_mask off: a malformed list is refused, not kept for a later run to trip on
-    source_tokens = _token_list(source_tokens, "source_tokens")
-    target_tokens = _token_list(target_tokens, "target_tokens")
+    source_tokens = tuple(_token_list(source_tokens, "source_tokens"))
+    target_tokens = tuple(_token_list(target_tokens, "target_tokens"))
+    window = StepWindow.checked(NODE, start_step, end_step)
+    selection = _selection(model, start_layer, end_layer, layers, preset)
     if masactrl_dit.is_dit(model):
         if source_mask is not None or target_mask is not None or auto_mask:
             raise _error("source_mask" if source_mask is not None else "auto_mask",
@@ -300,37 +293,13 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = DEFAULT_START_
                          "disconnect the masks and turn auto_mask off.")
         if attention is not None:
             raise ValueError("patch_model: an attention override is for UNet layers only")
-        if layers is None and start_layer == DEFAULT_START_LAYER and end_layer == -1:
-            layers = masactrl_dit.published_layers(model)  # FreeFlux's set on a FLUX.1-sized model, else None
-            if layers is not None:
-                logging.info("%s: layers blank and start_layer/end_layer at their defaults on FLUX.1: FreeFlux's "
-                             "non-rigid blocks %s.", NODE, ",".join(map(str, layers)))
-        return masactrl_dit.patch_dit_model(model, start_step=start_step, start_layer=start_layer, end_step=end_step,
-                                            end_layer=end_layer, layers=layers, mode=mode, source_index=source_index)
+        return masactrl_dit.patch_dit(model, window, selection, mode, source_index)
     all_layers: list[LayerKey] = self_attention_layers(model.get_model_object("diffusion_model"))
     count = len(all_layers)
     if count == 0:
         raise _error("model", "this model has neither UNet transformer blocks nor MM-DiT blocks; MasaCtrl "
                      "supports SD1.x, SD2.x and SDXL UNets, Flux and SD3.")
-    if start_layer > count:
-        raise _error("start_layer", f"{start_layer} is past this model's {count} self-attention layers; "
-                     f"use 0 to {count - 1} (SD1.x/2.x have 16, SDXL 70).")
-    end_layer = count if end_layer < 0 else end_layer
-    if end_layer > count:
-        raise _error("end_layer", f"{end_layer} is past this model's {count} self-attention layers; "
-                     f"use at most {count}, or -1 for the last layer.")
-    if end_layer <= start_layer and start_layer < count:
-        raise _error("end_layer", f"{end_layer} leaves no layer after start_layer {start_layer}; "
-                     "use -1 or a larger value.")
-    if layers:
-        past = [i for i in layers if i >= count]
-        if past:
-            raise _error("layers", f"{past} are past this model's {count} self-attention layers; use 0 to "
-                         f"{count - 1}.")
-        start_layer, end_layer = min(layers), max(layers) + 1
-    selected = sorted(set(layers)) if layers else list(range(start_layer, end_layer))
-    if 0 <= end_step <= start_step:
-        raise _error("end_step", f"{end_step} leaves no step after start_step {start_step}; use -1 or a larger value.")
+    selected = selection.indices(count, NODE, "self-attention layer")
     if mode not in masactrl.MODES:
         raise _error("mode", f"{mode!r} is not one of {masactrl.MODES}.")
     source_mask = _as_masks(source_mask, "source_mask")
@@ -359,17 +328,17 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = DEFAULT_START_
                 raise _error(name, "no token index given; write comma-separated token indices such as '1' or "
                              "'1, 2' (index 0 is the prompt's start token), or turn auto_mask off.")
 
-    settings = dict(start_step=start_step, end_step=end_step, start_layer=start_layer, end_layer=end_layer,
-                    mode=mode, source_index=source_index, source_mask=source_mask, target_mask=target_mask,
-                    auto_mask=auto_mask, source_tokens=source_tokens, target_tokens=target_tokens,
-                    mask_threshold=mask_threshold, layers=selected)
+    settings = masactrl.MasaCtrlSettings(
+        window=window, selection=selection, layers=selected, mode=mode, source_index=source_index,
+        source_mask=source_mask, target_mask=target_mask, auto_mask=auto_mask, source_tokens=source_tokens,
+        target_tokens=target_tokens, mask_threshold=mask_threshold)
     patched = model.clone()
     diffusion_model = patched.get_model_object("diffusion_model")
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     for key in [all_layers[i] for i in selected]:
         previous = existing.get(key, existing.get(key[:2]))
         preferred = getattr(attn1_module(diffusion_model, key), "comfy_attention", None)
-        patched.set_model_attn1_replace(_LayerPatch(settings, previous, attention, preferred), *key)
+        patched.set_model_attn1_replace(_layer_patch(settings, previous, attention, preferred), *key)
     if auto_mask:
         existing2 = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
         on_maps = _map_recorder(settings)
@@ -377,12 +346,10 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = DEFAULT_START_
             previous = existing2.get(key, existing2.get(key[:2]))
             preferred = getattr(cross_attention_maps.attn2_module(diffusion_model, key), "comfy_attention", None)
             patched.set_model_attn2_replace(cross_attention_maps.recording_attn2(on_maps, previous, preferred), *key)
-    clock_nodes.attach(patched)
+    run_context_nodes.attach(patched)
     attach_prompts_to_batch(patched)  # one target prompt for every target
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
                                  _outer_sample_wrapper(settings, count))
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY,
-                                 _sampler_sample_wrapper)
     return patched
 
 
@@ -407,8 +374,9 @@ class MasaCtrlAttentionPatch(io.ComfyNode):
                 io.Int.Input("start_layer", default=DEFAULT_START_LAYER, min=0, max=1000, tooltip=(
                     "First self-attention layer, counted in execution order (down, mid, up): 16 in SD1.x/2.x, "
                     "70 in SDXL. Paper: 10 for SD (the decoder); 44, 54 or 64 for SDXL. Flux and SD3 count their "
-                    "joint-attention blocks (FLUX.1: 19 double then 38 single = 57); left at 10 with layers blank, "
-                    "a FLUX.1 model gets FreeFlux's published block set.")),
+                    "joint-attention blocks (FLUX.1: 19 double then 38 single = 57). For a published Flux block set "
+                    "write its name in layers ('freeflux'). Saved prompts with start_layer 10 and layers blank "
+                    "on FLUX.1 keep getting FreeFlux's set (the log says so).")),
                 io.Int.Input("end_step", default=-1, min=-1, max=10000, tooltip=(
                     "Step at which mutual self-attention stops (exclusive); -1 runs it to the last step.")),
                 io.Int.Input("end_layer", default=-1, min=-1, max=1000, tooltip=(
@@ -438,9 +406,10 @@ class MasaCtrlAttentionPatch(io.ComfyNode):
                     "0.1).")),
                 io.String.Input("layers", default="", optional=True, tooltip=(
                     "Explicit layer list, comma-separated (e.g. \"10, 12, 14\"), for the non-contiguous sets some "
-                    "papers use; overrides start_layer and end_layer. Empty: start_layer to end_layer. FLUX.1 "
-                    "(from step 0): FreeFlux's 0,7,8,9,10,18,25,28,37,42,45,50,56 for pose changes; Stable "
-                    "Flow's vital layers 0,1,17,18,25,28,53,54,56.")),
+                    "papers use, or a published FLUX.1 block set by name: 'freeflux' (FreeFlux's non-rigid "
+                    "blocks 0,7,8,9,10,18,25,28,37,42,45,50,56, from step 0, for pose changes) or 'stable_flow' "
+                    "(Stable Flow's vital layers 0,1,17,18,25,28,53,54,56). Overrides start_layer and end_layer. "
+                    "Empty: start_layer to end_layer.")),
             ],
             outputs=[io.Model.Output(tooltip="The patched clone of the model.")],
         )
@@ -450,8 +419,9 @@ class MasaCtrlAttentionPatch(io.ComfyNode):
                 source_mask=None, target_mask=None, auto_mask=False, source_tokens="1", target_tokens="1",
                 mask_threshold=0.1, layers="") -> io.NodeOutput:
         checks.inputs(cls, locals())
+        selection = _layer_selection(start_layer, end_layer, layers)
         return io.NodeOutput(patch_model(
             model, start_step=start_step, start_layer=start_layer, end_step=end_step, end_layer=end_layer,
             mode=mode, source_index=source_index, source_mask=source_mask, target_mask=target_mask,
             auto_mask=auto_mask, source_tokens=source_tokens, target_tokens=target_tokens,
-            mask_threshold=mask_threshold, layers=_layer_list(layers)))
+            mask_threshold=mask_threshold, layers=list(selection.layers) or None, preset=selection.preset))

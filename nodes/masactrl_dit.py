@@ -28,10 +28,13 @@ import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
 import comfy.patcher_extension
 
 from ..attention import joint_attention
+from ..attention import layer_selection
+from ..attention.layer_selection import LayerSelection, StepWindow
+from ..attention.masactrl import MasaCtrlSettings
 from ..samplers import step_clock
 from . import checks
 from .masactrl_batch import attach_prompts_to_batch
-from . import step_clock as clock_nodes
+from . import run_context as run_context_nodes
 
 NODE = "MasaCtrlAttentionPatch"
 WRAPPER_KEY = "consistent_synthesis.masactrl_dit"
@@ -40,20 +43,10 @@ LAYER_KEY = "consistent_synthesis.masactrl_dit.layer"  # the patched block runni
 OVERRIDE = "optimized_attention_override"
 HOST_VERSION = "0.3.64"  # the first release these hooks were checked on (docs/compatibility.md)
 
-# Published block sets for FLUX.1-dev, numbered as above (both papers count the same way).
-# FreeFlux (Wei et al., 2025), non-rigid editing: its content-similarity-dependent layers, every step
-# of 50 (editing/non_rigid/non_rigid.ipynb of the official code).
-FREEFLUX_NON_RIGID_LAYERS = (0, 7, 8, 9, 10, 18, 25, 28, 37, 42, 45, 50, 56)
-# Stable Flow (Avrahami et al., CVPR 2025): the vital layers its code injects in (the paper also names 2).
-STABLE_FLOW_FLUX_LAYERS = (0, 1, 17, 18, 25, 28, 53, 54, 56)
-
-
-def published_layers(model_patcher) -> list[int] | None:
-    """FreeFlux's non-rigid block set for a FLUX.1-sized model (19 + 38 blocks), else None."""
+def is_flux1(model_patcher) -> bool:
+    """Whether the model is a FLUX.1-sized Flux (19 + 38 blocks), where the published block sets apply."""
     diffusion_model = _diffusion_model(model_patcher)
-    if _kind(diffusion_model) == "flux" and len(block_keys(diffusion_model)) == 57:
-        return list(FREEFLUX_NON_RIGID_LAYERS)
-    return None
+    return _kind(diffusion_model) == "flux" and len(block_keys(diffusion_model)) == layer_selection.PRESET_BLOCKS
 
 
 def _error(input_name: str, message: str) -> ValueError:
@@ -110,7 +103,7 @@ def host_has_hooks() -> bool:
 class _Override:
     """The attention override of one patched block call: joint MasaCtrl attention."""
 
-    def __init__(self, settings: dict, image_tokens: int, chunks: int, previous=None):
+    def __init__(self, settings: MasaCtrlSettings, image_tokens: int, chunks: int, previous=None):
         self.settings = settings
         self.image_tokens = image_tokens
         self.chunks = chunks
@@ -132,44 +125,36 @@ class _Override:
             return call(q, k, v, heads, *rest, **kwargs)
         s = self.settings
         batch = q.shape[0]
-        if batch % self.chunks or batch // self.chunks < 2 or s["source_index"] >= batch // self.chunks:
+        if batch % self.chunks or batch // self.chunks < 2 or s.source_index >= batch // self.chunks:
             raise _error("source_index", f"{s['source_index']} does not fit a batch of {batch // self.chunks} "
                          "latents; put the source and at least one target in one batch (MasaCtrl Latent Batch).")
-        if kwargs.get("mask") is not None and s["mode"] == "union":
+        if kwargs.get("mask") is not None and s.mode == "union":
             raise _error("mode", "union cannot be combined with an attention mask on this model; use mutual.")
 
         def attention(q_, k_, v_):
             return call(q_, k_, v_, heads, *rest, **kwargs)
         return joint_attention.joint_mutual_attention(
-            q, k, v, image_start=image_start, chunks=self.chunks, source_index=s["source_index"],
-            mode=s["mode"], attention=attention)
+            q, k, v, image_start=image_start, chunks=self.chunks, source_index=s.source_index,
+            mode=s.mode, attention=attention)
 
 
-class _BlockPatch:
-    """The ``patches_replace["dit"]`` entry of one patched block."""
-
-    def __init__(self, settings: dict, layer: int, single: bool, previous=None):
-        self.settings = settings
-        self.layer = layer
-        self.single = single
-        self.previous = previous
-
-    def __deepcopy__(self, memo):
-        return self  # immutable; clones of the model share it
-
-    def __call__(self, args: dict, extra: dict) -> dict:
-        run = extra["original_block"] if self.previous is None else (lambda a: self.previous(a, extra))
+def _block_patch(settings: MasaCtrlSettings, layer: int, single: bool, previous=None):
+    """The ``patches_replace["dit"]`` entry of one patched block: a closure over immutable settings,
+    so the host's deep copies of the model options share it."""
+    def patch(args: dict, extra: dict) -> dict:
+        run = extra["original_block"] if previous is None else (lambda a: previous(a, extra))
         options = args.get("transformer_options") or {}
-        s = self.settings
-        if not step_clock.in_window(options, s["start_step"], s["end_step"]):
+        if not step_clock.in_window(options, settings.window):
             return run(args)
         image_tokens = args["img"].shape[1]
-        if self.single:  # Flux single blocks see [text; image] as one sequence
+        if single:  # Flux single blocks see [text; image] as one sequence
             image_tokens -= options[TEXT_TOKENS_KEY]
         patched = dict(options)
-        patched[OVERRIDE] = _Override(s, image_tokens, len(options.get("cond_or_uncond", [0])), options.get(OVERRIDE))
-        patched[LAYER_KEY] = self.layer
+        patched[OVERRIDE] = _Override(settings, image_tokens, len(options.get("cond_or_uncond", [0])),
+                                      options.get(OVERRIDE))
+        patched[LAYER_KEY] = layer
         return run(dict(args, transformer_options=patched))
+    return patch
 
 
 def _record_text_tokens(executor, x, timestep, context, *args, **kwargs):
@@ -184,52 +169,41 @@ def _record_text_tokens(executor, x, timestep, context, *args, **kwargs):
     return executor(x, timestep, context, *args, **kwargs)
 
 
-def _outer_sample_wrapper(settings: dict, layers: list[int], count: int):
+def _outer_sample_wrapper(settings: MasaCtrlSettings, count: int):
     def wrapper(executor, *args, **kwargs):
         latent, sigmas = args[1], args[3]
-        checks.masactrl_batch(NODE, latent.shape[0], settings["source_index"])
+        checks.masactrl_batch(NODE, latent.shape[0], settings.source_index)
         steps = len(sigmas) - 1
-        end_step = steps if settings["end_step"] < 0 else min(settings["end_step"], steps)
-        if settings["start_step"] >= end_step or not layers:
+        window, layers = settings.window, settings.layers
+        end_step = window.end(steps)
+        if window.start_step >= end_step or not layers:
             logging.warning("%s: nothing is patched in this run (steps %d-%d of %d, %d of %d blocks).", NODE,
-                            settings["start_step"], end_step, steps, len(layers), count)
+                            window.start_step, end_step, steps, len(layers), count)
         else:
-            logging.info("%s: %s joint attention on steps %d-%d of %d, blocks %s of %d.", NODE, settings["mode"],
-                         settings["start_step"], end_step - 1, steps, ",".join(map(str, layers)), count)
+            logging.info("%s: %s joint attention on steps %d-%d of %d, blocks %s of %d%s.", NODE, settings.mode,
+                         window.start_step, end_step - 1, steps, ",".join(map(str, layers)), count,
+                         f" ({settings.selection.preset!r})" if settings.selection.preset else "")
         return executor(*args, **kwargs)
     return wrapper
 
 
-def _chosen_layers(count: int, start_layer: int, end_layer: int, layers) -> list[int]:
-    if layers is not None:
-        chosen = sorted(set(layers))
-        bad = [i for i in chosen if not 0 <= i < count]
-        if bad:
-            raise _error("layers", f"{', '.join(map(str, bad))} outside this model's {count} blocks; use 0 to "
-                         f"{count - 1} (blocks count double blocks first, then single blocks).")
-        if not chosen:
-            raise _error("layers", "the list is empty; give block numbers such as 0,1,17,18 or leave it blank "
-                         "to use start_layer and end_layer.")
-        return chosen
-    if start_layer > count:
-        raise _error("start_layer", f"{start_layer} is past this model's {count} blocks; use 0 to {count - 1}.")
-    end = count if end_layer < 0 else end_layer
-    if end > count:
-        raise _error("end_layer", f"{end_layer} is past this model's {count} blocks; use at most {count}, or -1 "
-                     "for the last block.")
-    if end <= start_layer and start_layer < count:
-        raise _error("end_layer", f"{end_layer} leaves no block after start_layer {start_layer}; use -1 or a "
-                     "larger value.")
-    return list(range(start_layer, end))
-
-
 def patch_dit_model(model_patcher, *, start_step: int = 0, start_layer: int = 0, end_step: int = -1,
-                    end_layer: int = -1, layers: list[int] | None = None, mode: str = "mutual",
+                    end_layer: int = -1, layers: list[int] | None = None, preset: str = "", mode: str = "mutual",
                     source_index: int = 0):
     """A clone of ``model_patcher`` (Flux or SD3) with joint MasaCtrl attention in the chosen blocks.
 
-    ``layers`` (block numbers in execution order) replaces ``start_layer``/``end_layer`` when given.
+    ``layers`` (block numbers in execution order) replaces ``start_layer``/``end_layer`` when given;
+    ``preset`` names a published block set (``layer_selection.PRESETS``).
     """
+    if layers is not None and not layers:
+        raise _error("layers", "the list is empty; give block numbers such as 0,1,17,18 or leave it blank "
+                     "to use start_layer and end_layer.")
+    return patch_dit(model_patcher, StepWindow.checked(NODE, start_step, end_step),
+                     LayerSelection(start_layer, end_layer, tuple(layers or ()), preset), mode, source_index)
+
+
+def patch_dit(model_patcher, window: StepWindow, selection: LayerSelection, mode: str, source_index: int):
+    """``patch_dit_model`` from a checked step window and a layer selection (the node's path)."""
     diffusion_model = _diffusion_model(model_patcher)
     kind = _kind(diffusion_model)
     if kind is None:
@@ -240,23 +214,21 @@ def patch_dit_model(model_patcher, *, start_step: int = 0, start_layer: int = 0,
                      f"attention override (ComfyUI {HOST_VERSION} or newer). Update ComfyUI.")
     if mode not in joint_attention.MODES:
         raise _error("mode", f"{mode!r} is not one of {joint_attention.MODES}.")
-    if 0 <= end_step <= start_step:
-        raise _error("end_step", f"{end_step} leaves no step after start_step {start_step}; use -1 or a larger value.")
     keys = block_keys(diffusion_model)
-    chosen = _chosen_layers(len(keys), start_layer, end_layer, layers)
-
-    settings = dict(start_step=start_step, end_step=end_step, mode=mode, source_index=source_index)
+    chosen = selection.indices(len(keys), NODE, "block")
+    settings = MasaCtrlSettings(window=window, selection=selection, layers=chosen, mode=mode,
+                                source_index=source_index)
     patched = model_patcher.clone()
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     for layer in chosen:
         name, index = keys[layer]
-        patched.set_model_patch_replace(_BlockPatch(settings, layer, name == "single_block", existing.get(keys[layer])),
-                                        "dit", name, index)
-    clock_nodes.attach(patched)
+        patched.set_model_patch_replace(_block_patch(settings, layer, name == "single_block",
+                                                     existing.get(keys[layer])), "dit", name, index)
+    run_context_nodes.attach(patched)
     attach_prompts_to_batch(patched)  # one target prompt for every target
     if kind == "flux":
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
                                      _record_text_tokens)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
-                                 _outer_sample_wrapper(settings, chosen, len(keys)))
+                                 _outer_sample_wrapper(settings, len(keys)))
     return patched

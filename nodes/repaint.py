@@ -173,9 +173,9 @@ class RePaint(comfy.samplers.Sampler):
         denoiser = _KnownRegionDenoiser(model_wrap, latent_image, sigmas, fresh_noise, flow, noise_scale,
                                         on_evaluation)
         inner = self.inner
-        clock = extra_args.get("model_options", {}).get("transformer_options", {}).get(step_clock.KEY)
+        clock = step_clock.clock_of(extra_args.get("model_options", {}).get("transformer_options", {}))
         if clock is not None and not step_clock.callback_aligned(inner):
-            clock.by_sigma = True  # the inner sampler's callbacks do not mark its steps
+            clock.read_by_sigma()  # the inner sampler's callbacks do not mark its steps
         runs = repaint.segments(schedule)
 
         def denoise_segment(x, segment_sigmas, number):
@@ -185,10 +185,10 @@ class RePaint(comfy.samplers.Sampler):
             step_callback = None
             if clock is not None and not clock.by_sigma:
                 begin = runs[number][0]
-                clock.step = begin  # the segment's iteration i evaluates at level begin + i
+                clock.set_step(begin)  # the segment's iteration i evaluates at level begin + i
 
                 def step_callback(info):
-                    clock.step = begin + info["i"] + 1
+                    clock.set_step(begin + info["i"] + 1)
             x = inner.sampler_function(denoiser, x, segment_sigmas, extra_args=args, callback=step_callback,
                                        disable=True, **inner.extra_options)
             counter["steps_done"] += len(segment_sigmas) - 1

@@ -18,13 +18,13 @@ samplers) leave the clock "by sigma": the step is then read once per evaluation,
 layer. A sampler that runs its own loop over the run's levels (RePaint) sets ``step`` itself and
 says so with a true ``drives_step_clock`` attribute.
 
-The clock is per run: a wrapper of the sampler's ``sample`` puts a fresh one into that run's
-``transformer_options`` (a copy the host makes for every run), so nothing survives a prompt.
+The clock is per run: it lives in the run's ``RunContext`` (``samplers/run_context.py``), made
+fresh for every run, so nothing survives a prompt.
 """
 
 from __future__ import annotations
 
-KEY = "consistent_synthesis.step_clock"
+from . import run_context
 
 # k-diffusion samplers that choose their own levels instead of the run's sigmas.
 _UNALIGNED = frozenset({"sample_dpm_fast", "sample_dpm_adaptive"})
@@ -53,12 +53,20 @@ class StepClock:
         self._sigmas = None  # the evaluation whose exact step was read (its sigmas tensor, held)
         self._exact: int | None = None
 
-    def __deepcopy__(self, memo):
-        return self  # one clock per run, shared by every copy of that run's options
-
     def on_callback(self, i: int) -> None:
         """The sampler finished loop iteration ``i``: later evaluations belong to step ``i + 1``."""
         self.step = i + 1
+
+    def set_step(self, step: int) -> None:
+        """A sampler that runs its own loop over the run's levels (RePaint) says which step its next
+        evaluations belong to; ignored once the clock reads steps from the sigma."""
+        if not self.by_sigma:
+            self.step = step
+
+    def read_by_sigma(self) -> None:
+        """From now on read each evaluation's step from its sigma (once per evaluation): for a driving
+        sampler whose inner sampler's callbacks do not mark its steps."""
+        self.by_sigma = True
 
 
 def step_from_sigma(sample_sigmas, sigma) -> int:
@@ -79,18 +87,24 @@ def callback_aligned(sampler) -> bool:
             and getattr(function, "__name__", "") not in _UNALIGNED)
 
 
-def install(transformer_options: dict, sampler, callback):
-    """Give a run (its ``transformer_options``) a clock; returns the callback to hand the sampler.
+def clock_of(transformer_options: dict) -> StepClock | None:
+    """The run's clock (None outside a run of a patched model)."""
+    context = run_context.current(transformer_options)
+    return None if context is None else context.clock
 
-    A clock already there (another of the pack's patches got there first) is kept.
+
+def install(context: run_context.RunContext, sampler, callback):
+    """Give a run (its context) a clock; returns the callback to hand the sampler.
+
+    A clock already there (the run's sampler was entered before) is kept.
     """
-    clock = transformer_options.get(KEY)
+    clock = context.clock
     if clock is None:
         if getattr(sampler, "drives_step_clock", False):
             clock = StepClock(slack=1)  # its inner sampler's steps are marked as above
         else:
             clock = StepClock(by_sigma=not callback_aligned(sampler), slack=0 if _exact_steps(sampler) else 1)
-        transformer_options[KEY] = clock
+        context.clock = clock
         if clock.by_sigma or getattr(sampler, "drives_step_clock", False):
             return callback
 
@@ -104,19 +118,21 @@ def install(transformer_options: dict, sampler, callback):
 
 def evaluation_started(transformer_options: dict, sigma) -> None:
     """Called once per model evaluation: a clock "by sigma" reads this evaluation's step (one sync)."""
-    clock = transformer_options.get(KEY)
+    clock = clock_of(transformer_options)
     if clock is not None and clock.by_sigma:
         sample_sigmas = transformer_options.get("sample_sigmas")
         clock.step = None if sample_sigmas is None else step_from_sigma(sample_sigmas, sigma.max())
 
 
-def in_window(transformer_options: dict, start: int, end: int) -> bool:
-    """Whether this evaluation's step is in ``[start, end)`` (``end < 0``: to the last step).
+def in_window(transformer_options: dict, window) -> bool:
+    """Whether this evaluation's step is in ``window`` (a ``StepWindow``: ``[start_step, end_step)``,
+    ``end_step < 0``: to the last step).
 
     Decided from the clock on the host; the sigma is read (once per evaluation) only when the
     clock's step of doubt straddles an edge of the window. False outside sampling.
     """
-    clock = transformer_options.get(KEY)
+    start, end = window.start_step, window.end_step
+    clock = clock_of(transformer_options)
     sample_sigmas = transformer_options.get("sample_sigmas")
     if clock is not None and clock.step is not None and clock.slack and not clock.by_sigma \
             and sample_sigmas is not None:
@@ -137,7 +153,7 @@ def in_window(transformer_options: dict, start: int, end: int) -> bool:
 def current_step(transformer_options: dict) -> int | None:
     """The step of this evaluation, from the run's clock; without a clock (a model called outside
     the pack's wrappers) from the sigma, a sync per call; None outside sampling."""
-    clock = transformer_options.get(KEY)
+    clock = clock_of(transformer_options)
     if clock is not None:
         return clock.step
     sample_sigmas = transformer_options.get("sample_sigmas")

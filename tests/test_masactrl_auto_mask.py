@@ -13,6 +13,9 @@ import comfy.sample  # noqa: E402
 import official_masactrl  # noqa: E402
 import tiny_models as tm  # noqa: E402
 from consistent_synthesis.nodes import masactrl as node  # noqa: E402
+from consistent_synthesis.samplers import run_context  # noqa: E402
+from consistent_synthesis.attention.layer_selection import LayerSelection, StepWindow  # noqa: E402
+from consistent_synthesis.attention.masactrl import MasaCtrlSettings  # noqa: E402
 from consistent_synthesis.nodes.unet_layers import self_attention_layers  # noqa: E402
 from sync_counter import HostSyncCounter  # noqa: E402
 
@@ -57,16 +60,16 @@ def test_auto_mask_equals_the_official_mask_auto_over_a_whole_run(sd15, monkeypa
     reference = official_masactrl.patch(sd15, editor,
                                         self_attention_layers(sd15.get_model_object("diffusion_model")))
     regions = []
-    original = node._LayerPatch._auto_masks
+    original = node._auto_masks
 
-    def spy(self, state, extra_options, dtype):
-        masks = original(self, state, extra_options, dtype)
+    def spy(settings, state, extra_options, dtype):
+        masks = original(settings, state, extra_options, dtype)
         if masks is not None:
             source, target, _ = masks
             regions.append((source.mean().item(), target.mean().item()))
         return masks
 
-    monkeypatch.setattr(node._LayerPatch, "_auto_masks", spy)
+    monkeypatch.setattr(node, "_auto_masks", spy)
     out_ours = _sample(ours, steps=steps)
     out_official = _sample(reference, steps=steps)
     assert editor.cur_step == steps  # one batched cond/uncond forward per step, as the official code assumes
@@ -94,14 +97,14 @@ def test_split_calls_use_the_conditional_maps_of_their_evaluation_when_they_exis
     # Under memory pressure the host runs cond and uncond in separate calls (forced here). A call
     # has automatic masks exactly when a cond call of the same evaluation recorded maps before it.
     used = []
-    original = node._LayerPatch._auto_masks
+    original = node._auto_masks
 
-    def spy(self, state, extra_options, dtype):
-        masks = original(self, state, extra_options, dtype)
+    def spy(settings, state, extra_options, dtype):
+        masks = original(settings, state, extra_options, dtype)
         used.append((tuple(extra_options["cond_or_uncond"]), masks is not None, extra_options["sigmas"]))
         return masks
 
-    monkeypatch.setattr(node._LayerPatch, "_auto_masks", spy)
+    monkeypatch.setattr(node, "_auto_masks", spy)
     monkeypatch.setattr(comfy.model_management, "get_free_memory", _no_free_memory)
     _sample(node.patch_model(sd15, start_step=0, start_layer=0, auto_mask=True), side=16, batch=3, steps=2)
     assert {chunks for chunks, _, _ in used} == {(0,), (1,)}  # the calls were split
@@ -122,22 +125,21 @@ def test_an_uncond_call_after_its_cond_call_uses_the_cond_maps(sd15):
     replace = model.model_options["transformer_options"]["patches_replace"]
     key = self_attention_layers(sd15.get_model_object("diffusion_model"))[4]  # a 16x16 layer at a 64x64 latent
     attn1, attn2 = replace["attn1"][key], replace["attn2"][key]
-    states = node._RunStates()
     sigmas = torch.tensor([1.0])
-    options = {node.RUN_KEY: states, "sigmas": sigmas, "n_heads": 8,
+    options = {run_context.KEY: run_context.RunContext(), "sigmas": sigmas, "n_heads": 8,
                "activations_shape": [2, 32, 16, 16], "original_shape": [2, 4, 64, 64],
                "sample_sigmas": torch.tensor([1.0, 0.5, 0.0])}
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 256, 64, generator=gen) for _ in range(3))
     ctx = torch.randn(2, 77, 64, generator=gen)
     uncond = dict(options, cond_or_uncond=[1])
-    plain = node._LayerPatch._auto_masks(attn1, node._run_state(uncond, attn1.settings), uncond, q.dtype)
+    plain = node._auto_masks(attn1.settings, node._run_state(uncond, attn1.settings), uncond, q.dtype)
     assert plain is None  # nothing recorded yet in this evaluation
     attn2(q, ctx, ctx, dict(options, cond_or_uncond=[0]))
-    masks = node._LayerPatch._auto_masks(attn1, node._run_state(uncond, attn1.settings), uncond, q.dtype)
+    masks = node._auto_masks(attn1.settings, node._run_state(uncond, attn1.settings), uncond, q.dtype)
     assert masks is not None
     later = dict(uncond, sigmas=torch.tensor([0.5]))  # the next evaluation: nothing carried over
-    assert node._LayerPatch._auto_masks(attn1, node._run_state(later, attn1.settings), later, q.dtype) is None
+    assert node._auto_masks(attn1.settings, node._run_state(later, attn1.settings), later, q.dtype) is None
 
 
 def test_only_the_conditional_rows_maps_are_kept(sd15, monkeypatch):
@@ -240,7 +242,9 @@ def test_a_source_token_past_the_source_prompt_fails_though_the_target_prompt_is
 
 def test_one_short_target_prompt_for_several_targets_is_checked_too(sd15):
     positive, _ = _stacked(154, 77)  # a source and one target prompt over a batch of 1 + 3
-    settings = dict(source_index=0, source_tokens=[100], target_tokens=[100])
+    def settings(target_tokens):
+        return MasaCtrlSettings(window=StepWindow(), selection=LayerSelection(), layers=(), source_index=0,
+                                source_tokens=(100,), target_tokens=target_tokens)
     with pytest.raises(ValueError, match=r"^MasaCtrlAttentionPatch: input 'target_tokens': .*batch row 1 .*77 tokens"):
-        node._check_tokens_against_prompts(settings, 4, [{"cross_attn": positive[0][0]}])
-    node._check_tokens_against_prompts(settings | dict(target_tokens=[76]), 4, [{"cross_attn": positive[0][0]}])
+        node._check_tokens_against_prompts(settings((100,)), 4, [{"cross_attn": positive[0][0]}])
+    node._check_tokens_against_prompts(settings((76,)), 4, [{"cross_attn": positive[0][0]}])

@@ -14,6 +14,7 @@ import tiny_models as tm  # noqa: E402
 from consistent_synthesis.nodes import masactrl  # noqa: E402
 from consistent_synthesis.nodes import masactrl_dit as D  # noqa: E402
 from consistent_synthesis.samplers import step_clock  # noqa: E402
+from consistent_synthesis.attention.layer_selection import PRESETS  # noqa: E402
 from sync_counter import HostSyncCounter  # noqa: E402
 
 LATENT = (3, 16, 8, 8)  # source + 2 targets, 16 image tokens at patch size 2
@@ -233,7 +234,7 @@ def test_the_clone_is_patched_and_the_original_is_not(models):
 
 
 @pytest.mark.parametrize("kwargs, name, words", [
-    (dict(layers=[0, 57]), "layers", "57 outside this model's 57 blocks"),
+    (dict(layers=[0, 57]), "layers", r"\[57\] are past this model.s 57 blocks"),
     (dict(layers=[]), "layers", "empty"),
     (dict(start_layer=60), "start_layer", "past this model's 57 blocks"),
     (dict(start_layer=5, end_layer=5), "end_layer", "leaves no block"),
@@ -267,14 +268,15 @@ def test_no_host_sync_is_added(models, kind):
     assert syncs(patched(models[kind], start_step=0, mode="union")) == syncs(models[kind])
 
 
-def test_freeflux_layers_are_offered_for_a_flux1_sized_model(models):
-    assert D.published_layers(models["flux"]) == [0, 7, 8, 9, 10, 18, 25, 28, 37, 42, 45, 50, 56]
-    assert D.published_layers(models["sd3"]) is None
-    assert max(D.STABLE_FLOW_FLUX_LAYERS) < D.block_count(models["flux"])
+def test_flux1_is_recognised_for_the_published_block_sets(models):
+    assert D.is_flux1(models["flux"]) and not D.is_flux1(models["sd3"])
+    assert max(max(blocks) for blocks in PRESETS.values()) < D.block_count(models["flux"])
 
 
 @pytest.mark.parametrize("kind, kwargs, blocks", [
-    ("flux", {}, set(D.FREEFLUX_NON_RIGID_LAYERS)),  # the node's defaults on FLUX.1: FreeFlux's blocks
+    ("flux", {}, set(PRESETS["freeflux"])),  # saved prompts' defaults on FLUX.1: FreeFlux's blocks, as before
+    ("flux", dict(preset="freeflux"), set(PRESETS["freeflux"])),  # asked for by name
+    ("flux", dict(preset="stable_flow"), set(PRESETS["stable_flow"])),
     ("flux", dict(start_layer=50), set(range(50, 57))),  # a start_layer of the user's: that range
     ("flux", dict(end_layer=12), set(range(10, 12))),
     ("flux", dict(layers=[3, 40]), {3, 40}),

@@ -74,25 +74,15 @@ def test_fallback_for_unaligned_samplers_reads_the_sigma_once_per_evaluation(sd1
     assert patched.total - baseline.total <= 2 * evaluations, patched.report()
 
 
-def test_counter_sees_the_per_layer_syncs_of_a_step_read_from_the_sigma(sd15):
+def test_counter_sees_the_per_layer_syncs_of_a_step_read_from_the_sigma(sd15, monkeypatch):
     # The counter is not blind: the pre-clock way (the step read from the sigma in every layer)
     # shows up as one or more syncs per patched layer call.
     from consistent_synthesis.samplers import step_clock
 
     patched = patch_model(sd15, start_step=0, start_layer=0)
-    patched.model_options["transformer_options"][step_clock.KEY] = None  # no clock: read per layer
-    original = step_clock.current_step
-
-    def per_layer(options):
-        options = dict(options)
-        options.pop(step_clock.KEY, None)
-        return original(options)
-
-    step_clock.current_step = per_layer
-    try:
-        counter = _syncs(patched, "euler")
-    finally:
-        step_clock.current_step = original
+    monkeypatch.setattr(step_clock, "clock_of", lambda options: None)  # no clock: read per layer
+    counter = _syncs(patched, "euler")
+    monkeypatch.undo()
     baseline = _syncs(sd15, "euler")
     assert counter.total - baseline.total >= 16 * STEPS
 
@@ -129,10 +119,10 @@ def test_window_follows_the_sigma_of_every_evaluation(sd15, sampler, monkeypatch
     decisions = []
     original = step_clock.in_window
 
-    def checked(options, start, end):
-        inside = original(options, start, end)
+    def checked(options, window):
+        inside = original(options, window)
         step = step_clock.step_from_sigma(options["sample_sigmas"], options["sigmas"].max())
-        decisions.append((inside, start <= step and (end < 0 or step < end)))
+        decisions.append((inside, window.contains(step)))
         return inside
 
     monkeypatch.setattr(step_clock, "in_window", checked)

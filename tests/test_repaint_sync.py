@@ -21,7 +21,7 @@ import comfy.samplers  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
 from sync_counter import HostSyncCounter  # noqa: E402
-from consistent_synthesis.nodes import step_clock as clock_node  # noqa: E402
+from consistent_synthesis.nodes import run_context as clock_node  # noqa: E402
 from consistent_synthesis.nodes.repaint import RePaint  # noqa: E402
 from consistent_synthesis.samplers import repaint as R  # noqa: E402
 from consistent_synthesis.samplers import step_clock  # noqa: E402
@@ -48,7 +48,7 @@ def stand_in_model(model_type):
 
     def record(apply_model, args):
         out = apply_model(args["input"], args["timestep"], **args["c"])  # a clock on sigma reads it in there
-        clock = args["c"]["transformer_options"][step_clock.KEY]
+        clock = step_clock.clock_of(args["c"]["transformer_options"])
         steps.append(clock.step if not clock.by_sigma else ("by sigma", clock.step))
         return out
 

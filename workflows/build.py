@@ -280,9 +280,20 @@ def masactrl_synthesis(name: str, checkpoint: str, size: int, start_layer: int, 
     return g
 
 
+def _presets() -> dict:
+    """The published block sets, read from their one home (``PRESETS`` in attention/layer_selection.py)."""
+    import ast
+    path = Path(__file__).resolve().parent.parent / "attention" / "layer_selection.py"
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "PRESETS":
+            return ast.literal_eval(node.value)
+    raise LookupError(f"no PRESETS in {path.name}")
+
+
 # FreeFlux (Wei et al., 2025), official non-rigid editing: FLUX.1-dev blocks whose output depends on content
-# (double blocks 0-18, then single blocks 19-56), injected at every step; nodes/masactrl_dit.py cites both sets.
-FREEFLUX_LAYERS = "0,7,8,9,10,18,25,28,37,42,45,50,56"
+# (double blocks 0-18, then single blocks 19-56), injected at every step. Written out as a list (not the
+# 'freeflux' preset name) so the runner can move it onto the reduced-depth stand-in.
+FREEFLUX_LAYERS = ",".join(map(str, _presets()["freeflux"]))
 
 
 def masactrl_flux(name: str) -> Graph:
