@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "testing"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import host  # noqa: E402

@@ -3,7 +3,7 @@
 1. Model evaluations and wall time of RePaintKSampler against the host's masked KSampler at
    equal steps and at equal evaluations (time per evaluation), on a full-size random SD1.5 UNet,
    on CUDA when there is one (fp16 there), with the host synchronisations each run makes
-   (``torch.cuda.set_sync_debug_mode`` warnings on CUDA, tests/sync_counter.py on the CPU).
+   (``torch.cuda.set_sync_debug_mode`` warnings on CUDA, testing/sync_counter.py on the CPU).
 2. The sampler's own overhead per model evaluation, measured with a model that costs almost
    nothing (the analytic Gaussian denoiser), next to one UNet evaluation.
 3. Distance (W2) of inpainted samples to the exact conditional of a Gaussian, against the
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "testing"))
 
 import host  # noqa: E402
 from sync_counter import count_host_syncs  # noqa: E402

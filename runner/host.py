@@ -1,4 +1,4 @@
-"""Find the ComfyUI host the runner talks to, in the order the tests use (tests/host.py).
+"""Find the ComfyUI host the runner talks to, in the order the tests use (testing/host.py).
 
 1. ``COMFYUI_PATH``;
 2. the ComfyUI whose ``custom_nodes`` holds this pack (a user's clone);

@@ -16,6 +16,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
 sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(REPO / "testing"))  # helpers shared with benchmarks/
 
 import host as _host  # noqa: E402
 

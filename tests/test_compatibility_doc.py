@@ -1,6 +1,6 @@
 """docs/compatibility.md stays true: every host name our code uses is in its table.
 
-The pack's own source (every .py outside tests/) is parsed; each name it takes from a host module
+The pack's own source (every .py outside tests/ and the test helpers in testing/) is parsed; each name it takes from a host module
 (``import comfy.sample`` then ``comfy.sample.prepare_noise``, ``from comfy_api.latest import io``
 then ``io.Int.Input``, ...) must be covered by a table row: the row's ``module.name`` equal to the
 used name or a dotted prefix of it. No ComfyUI is needed: this reads text.
@@ -19,7 +19,7 @@ DOC = REPO / "docs" / "compatibility.md"
 HOST_MODULES = {"comfy", "comfy_api", "comfy_api_nodes", "comfy_extras", "comfy_execution", "comfy_config",
                 "folder_paths", "latent_preview", "nodes", "node_helpers", "server", "execution", "main",
                 "comfyui_version", "app", "protocol", "cuda_malloc", "hook_breaker_ac10a0", "new_updater"}
-SKIP_DIRS = {"tests", ".git", "__pycache__", ".venv", ".gpu-host", ".whl", "node_modules", "test-artifacts"}
+SKIP_DIRS = {"tests", "testing", ".git", "__pycache__", ".venv", ".gpu-host", ".whl", "node_modules", "test-artifacts"}
 
 
 def our_sources() -> list[Path]:

@@ -1,6 +1,6 @@
 """RePaint reads nothing back from the device per model evaluation, and drives the step clock.
 
-On a GPU every host synchronisation stalls kernel launches; tests/sync_counter.py counts, on the
+On a GPU every host synchronisation stalls kernel launches; testing/sync_counter.py counts, on the
 CPU, the operations that would cause one. RePaint runs its own loop over the noise levels, so it
 must know them on the host (one copy per run) and say which level each evaluation is at.
 

@@ -1,4 +1,4 @@
-"""Find the real ComfyUI host that the tests run against, as DEVELOPERS.md orders it.
+"""Find the real ComfyUI host that the tests and benchmarks run against, and load this pack.
 
 1. ``COMFYUI_PATH``;
 2. the ComfyUI that holds this pack when it sits in ``ComfyUI/custom_nodes/<any-name>/``;
@@ -32,7 +32,7 @@ def load_pack():
 
 
 load_pack()
-# One implementation of the discovery order, the runner's (which cannot import tests/).
+# One implementation of the discovery order, the runner's (which cannot import testing/).
 from consistent_synthesis.runner.host import activate, find_host  # noqa: E402
 
 

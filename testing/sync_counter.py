@@ -40,7 +40,8 @@ class HostSyncCounter(TorchDispatchMode):
         self.counts[name] += 1
         frames = [f for f in traceback.extract_stack()[:-3]
                   if "sync_counter" not in f.filename and "/torch/" not in f.filename]
-        ours = [f for f in frames if str(REPO) in f.filename and "/tests/" not in f.filename]
+        ours = [f for f in frames if str(REPO) in f.filename
+                and not any(d in f.filename for d in ("/tests/", "/testing/"))]
         site = ours[-1] if ours else (frames[-1] if frames else None)
         if site is not None:
             self.where[f"{name} at {Path(site.filename).name}:{site.lineno} {site.line}"] += 1
