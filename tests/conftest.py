@@ -1,7 +1,24 @@
-"""Test setup: load this repository as the package ``consistent_synthesis`` and find the host.
+"""Test setup: load this repository as the package ``consistent_synthesis``, find the host, mark the tiers.
 
 Tests that need ComfyUI call ``require_host()`` at module level: it makes the host
 importable, or skips the module with a loud reason (a failure when CS_REQUIRE_HOST=1).
+
+Every test gets exactly one tier mark (registered in pyproject.toml), so ``-m`` picks what a run needs:
+
+- ``pure``: needs no ComfyUI (the math rooms, pose data, the runner's offline parts);
+- ``host``: imports the real ComfyUI in the test process (tiny random models);
+- ``server``: starts a ComfyUI server process or talks to one over HTTP;
+- ``browser``: drives headless Chromium on the ComfyUI frontend.
+
+The rule, applied when the tests are collected: a tier mark on the test or its module wins; else a
+test that uses a browser fixture is ``browser``, one that uses ``comfy_server`` is ``server``, one
+whose module called ``require_host()`` is ``host``, and any other is ``pure``. Besides the tier,
+``slow`` marks the tests that build or load the full-size random stand-in models (GBs; minutes
+the first time). A test that starts a server without ``server`` (or ``browser``), or asks for a
+stand-in without ``slow`` (or ``server``), fails naming the mark to add.
+
+The fast loop (no server, no browser, no full-size model): ``python3 -m pytest -m "not server and not
+browser and not slow"``; ``python3 -m pytest`` runs every tier.
 """
 
 from __future__ import annotations
@@ -25,15 +42,82 @@ _host.load_pack()
 
 HOST_PATH, HOST_HOW = _host.find_host()
 
+TIERS = ("pure", "host", "server", "browser")
+BROWSER_FIXTURES = {"browser", "browser_server", "comfy_page"}
+SERVER_FIXTURES = {"comfy_server"}
+_HOST_MODULES: set[str] = set()  # the test modules that called require_host()
+
 
 def require_host() -> Path:
-    """Make the real ComfyUI importable, or skip (or fail, under CS_REQUIRE_HOST=1) loudly."""
+    """Make the real ComfyUI importable, or skip (or fail, under CS_REQUIRE_HOST=1) loudly.
+
+    Called at a test module's top level, it also puts the module's tests in the ``host`` tier."""
+    _HOST_MODULES.add(sys._getframe(1).f_globals.get("__name__"))
     if HOST_PATH is None:
         if os.environ.get("CS_REQUIRE_HOST") == "1":
             pytest.fail(f"CS_REQUIRE_HOST=1 but {HOST_HOW}", pytrace=False)
         pytest.skip(f"HOST TESTS SKIPPED: {HOST_HOW}", allow_module_level=True)
     _host.activate(HOST_PATH)
     return HOST_PATH
+
+
+def tier_of(item) -> str:
+    """The one tier of a collected test, by the rule in this module's docstring."""
+    marked = {m.name for m in item.iter_markers() if m.name in TIERS}
+    used = set(item.fixturenames)
+    implied = "browser" if used & BROWSER_FIXTURES else "server" if used & SERVER_FIXTURES else None
+    if len(marked) > 1:
+        raise pytest.UsageError(f"{item.nodeid} has the tier marks {sorted(marked)}: give it one")
+    if marked and implied and marked != {implied}:
+        raise pytest.UsageError(f"{item.nodeid} is marked {marked.pop()} but uses "
+                                f"{sorted(used & (BROWSER_FIXTURES | SERVER_FIXTURES))}: mark it {implied}")
+    if marked:
+        return marked.pop()
+    if implied:
+        return implied
+    return "host" if item.module.__name__ in _HOST_MODULES else "pure"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = tier_of(item)
+        if item.get_closest_marker(tier) is None:
+            item.add_marker(tier)
+    _guard_expensive_calls()
+
+
+_RUNNING: list = [None]  # the test being run (its fixtures are set up inside its run)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _RUNNING[0] = item
+    yield
+    _RUNNING[0] = None
+
+
+def _guard_expensive_calls() -> None:
+    """Starting a server needs ``server`` (or ``browser``); a full-size stand-in needs ``slow`` (or ``server``)."""
+    from consistent_synthesis.runner import random_models, server
+
+    def guarded(function, marks: tuple[str, ...], what: str):
+        if getattr(function, "tier_guarded", False):
+            return function
+
+        def call(*args, **kwargs):
+            item = _RUNNING[0]
+            if item is not None and not any(item.get_closest_marker(m) for m in marks):
+                pytest.fail(f"{item.nodeid} {what} but is not marked {' or '.join(marks)}: add "
+                            f"@pytest.mark.{marks[0]} (see tests/conftest.py)", pytrace=False)
+            return function(*args, **kwargs)
+        call.tier_guarded = True
+        return call
+
+    server.LocalServer.start = guarded(server.LocalServer.start, ("server", "browser"),
+                                       "starts a ComfyUI server")
+    random_models.ensure = guarded(random_models.ensure, ("slow", "server"),
+                                   "asks for a full-size random stand-in model")
 
 
 def pytest_report_header(config):

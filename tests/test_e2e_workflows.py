@@ -88,6 +88,7 @@ def test_every_workflow_has_an_api_and_a_ui_file_built_from_one_description():
     assert build.main(["--check"]) == 0, "workflows/*.json differ from workflows/build.py; run it"
 
 
+@pytest.mark.server
 def test_node_specs_of_the_workflow_builder_match_the_servers_object_info(server):
     """The UI files lay out sockets and widgets as the frontend will: same names, types and order."""
     build = _build_module()
@@ -156,6 +157,7 @@ def test_ui_workflow_converts_to_the_shipped_api_workflow(path):
     assert _ui_to_api(ui, build) == workflow.load(path)
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("path", API_FILES, ids=[p.stem for p in API_FILES])
 def test_workflow_runs_and_returns_images_of_the_requested_size(path, server, tmp_path):
     from PIL import Image
@@ -204,6 +206,7 @@ def _masactrl_prompt() -> tuple[dict, str]:
     return prompt, next(i for i, n in prompt.items() if n["class_type"] == "MasaCtrlAttentionPatch")
 
 
+@pytest.mark.server
 def test_a_bad_value_for_our_node_gets_the_validation_error_naming_node_and_input(server):
     prompt, node_id = _masactrl_prompt()
     prompt[node_id]["inputs"]["start_layer"] = -1  # below the input's minimum
@@ -215,6 +218,7 @@ def test_a_bad_value_for_our_node_gets_the_validation_error_naming_node_and_inpu
     assert "MasaCtrlAttentionPatch" in str(caught.value) and "'start_layer'" in str(caught.value)
 
 
+@pytest.mark.server
 def test_a_bad_option_fails_the_prompt_with_our_message_naming_node_and_input(server):
     """ComfyUI 0.3.64 does not check a V3 combo's value before running; our node's own check does."""
     prompt, node_id = _masactrl_prompt()

@@ -24,6 +24,7 @@ def _runner(*args, cwd=REPO, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.server  # the runner starts a ComfyUI server
 def test_smoke_run_of_a_shipped_workflow_saves_its_images(tmp_path):
     from PIL import Image
 
@@ -64,6 +65,7 @@ def test_model_refs_name_each_file_once_with_its_models_folder():
     assert [(r.folder, r.name) for r in refs] == [("checkpoints", "v1-5-pruned-emaonly.safetensors")]
 
 
+@pytest.mark.slow
 def test_random_checkpoint_is_the_real_sd15_layout_and_loads_with_the_hosts_loader():
     import torch
 
@@ -81,6 +83,7 @@ def test_random_checkpoint_is_the_real_sd15_layout_and_loads_with_the_hosts_load
     assert image.shape == (1, 32, 32, 3) and bool(torch.isfinite(image).all())
 
 
+@pytest.mark.slow
 def test_random_openpose_controlnet_loads_with_the_hosts_controlnet_loader():
     import comfy.cldm.cldm
     import comfy.controlnet
@@ -139,6 +142,7 @@ def test_flux_stand_in_is_detected_as_flux_dev_with_every_block_at_full_size_and
         {k for k in layout if not k.startswith(("double_blocks.", "single_blocks."))}
 
 
+@pytest.mark.slow
 def test_random_flux_vae_and_text_encoder_files_are_what_the_hosts_loaders_expect():
     import torch
     from safetensors import safe_open

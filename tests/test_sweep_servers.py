@@ -24,6 +24,8 @@ from live_server import ComfyServer  # noqa: E402
 
 from consistent_synthesis.runner import metrics, random_models  # noqa: E402
 
+pytestmark = pytest.mark.server  # two ComfyUI servers and the sweep command against them
+
 STEPS, SIZE = 2, 64
 SHIPPED = json.loads((REPO / "workflows" / "api" / "masactrl_sd15.json").read_text())
 SAVE = next(i for i, n in SHIPPED.items() if n["class_type"] == "SaveImage")  # files: <SAVE>_00 source, _01 target
