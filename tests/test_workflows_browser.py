@@ -14,7 +14,7 @@ from browser import require_browser  # noqa: E402
 
 require_browser()
 
-from browser import copy_to_docs  # noqa: E402
+from workflow_pictures import fit_graph  # noqa: E402
 
 UI_FILES = sorted((REPO / "workflows").glob("*.json"))
 
@@ -40,16 +40,6 @@ def test_ui_workflow_loads_with_no_missing_node_and_converts_to_the_api_workflow
     assert loaded.missing == []
     shipped = json.loads((REPO / "workflows" / "api" / path.name).read_text())
     assert _normalised(loaded.prompt) == _normalised(shipped)
-    comfy_page.page.set_viewport_size({"width": 2400, "height": 1300})  # the whole graph, legible
-    comfy_page.page.wait_for_timeout(300)
-    comfy_page.js("""() => {
-        const nodes = app.graph.nodes;
-        const x0 = Math.min(...nodes.map((n) => n.pos[0])), y0 = Math.min(...nodes.map((n) => n.pos[1] - 30));
-        const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
-        const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
-        app.canvas.ds.fitToBounds([x0 - 20, y0 - 20, x1 - x0 + 40, y1 - y0 + 40]);
-        app.canvas.setDirty(true, true);
-    }""")
-    comfy_page.page.wait_for_timeout(300)
-    copy_to_docs(comfy_page.screenshot(f"workflow-{path.stem}"), f"workflow-{path.stem}.png")
+    fit_graph(comfy_page)  # as the pictures in docs/ are taken (python -m tests.workflow_pictures)
+    comfy_page.screenshot(f"workflow-{path.stem}")
     comfy_page.assert_no_errors()
