@@ -23,11 +23,6 @@ MODEL_INPUTS = {
     "clip_name2": "text_encoders",
 }
 
-# Inputs that set the pixel size of what is generated, and those that set the sampling steps.
-SIZE_INPUTS = ("width", "height")
-STEP_INPUTS = ("steps",)
-LATENT_SOURCES = ("EmptyLatentImage", "EmptySD3LatentImage")
-
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -84,11 +79,3 @@ def override(prompt: dict, width: int | None = None, height: int | None = None, 
             if value is not None and name in inputs and not isinstance(inputs[name], list):
                 inputs[name] = value
     return prompt
-
-
-def output_size(prompt: dict) -> tuple[int, int] | None:
-    """(width, height) of the images when every generated latent starts from one empty-latent size."""
-    sizes = {(n["inputs"]["width"], n["inputs"]["height"]) for n in prompt.values()
-             if n.get("class_type") in LATENT_SOURCES and all(
-                 isinstance(n["inputs"].get(k), int) for k in SIZE_INPUTS)}
-    return sizes.pop() if len(sizes) == 1 else None
