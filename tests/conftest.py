@@ -163,6 +163,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def sd15():
+    """A tiny random SD1.5 UNet (testing/tiny_models.py), one per test module; host tier only."""
+    import tiny_models
+
+    return tiny_models.tiny_model("sd15")
+
+
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 
 

@@ -26,11 +26,6 @@ class Hostile:
     """Not a ComfyUI value of any type."""
 
 
-@pytest.fixture(scope="module")
-def sd15():
-    return tm.tiny_model("sd15")
-
-
 def latent(mask_value=1.0, size=8):
     mask = torch.zeros(1, 1, size, size)
     mask[..., size // 2:] = mask_value

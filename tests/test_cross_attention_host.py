@@ -9,17 +9,14 @@ from conftest import require_host
 
 require_host()
 
-import comfy.sample  # noqa: E402
-
 import tiny_models as tm  # noqa: E402
+from sampling import ksampler  # noqa: E402
 from consistent_synthesis.nodes import cross_attention_maps as maps_node  # noqa: E402
 
 
 def sample(model, kind, side, steps=1, batch=1, cfg=5.0):
-    latent = torch.zeros((batch, 4, side, side))
-    noise = comfy.sample.prepare_noise(latent, 0)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", tm.conditioning(kind, batch),
-                               tm.conditioning(kind, batch, seed=1), latent, disable_pbar=True, seed=0)
+    return ksampler(model, torch.zeros((batch, 4, side, side)), tm.conditioning(kind, batch),
+                    tm.conditioning(kind, batch, seed=1), steps, cfg)
 
 
 def recording(model, on_maps):

@@ -77,11 +77,6 @@ def test_unknown_words_fail_naming_the_input(words):
 
 # --- CrossAttentionMask -------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def sd15():
-    return tm.tiny_model("sd15")
-
-
 def latent(side=32, batch=1, seed=5):
     return {"samples": torch.randn(batch, 4, side, side, generator=torch.Generator().manual_seed(seed))}
 

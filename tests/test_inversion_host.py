@@ -11,9 +11,9 @@ require_host()
 
 import comfy.model_base  # noqa: E402
 import comfy.patcher_extension  # noqa: E402
-import comfy.sample  # noqa: E402
 
 import analytic as A  # noqa: E402
+import sampling  # noqa: E402
 import tiny_models as tm  # noqa: E402
 from consistent_synthesis.nodes import inversion as N  # noqa: E402
 from consistent_synthesis.nodes.masactrl_batch import latent_batch  # noqa: E402
@@ -24,11 +24,8 @@ ANALYTIC_COND = [[torch.zeros(1, 1, 768), {}]]
 
 def ksampler(model, latent, steps, sampler="euler", cfg=1.0, scheduler="normal", positive=None, negative=None,
              denoise=1.0, seed=5):
-    """What the stock KSampler node does with a LATENT."""
-    samples = latent["samples"]
-    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
-    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, samples,
-                               denoise=denoise, noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed)
+    """The stock KSampler with this module's defaults (cfg 1, seed 5)."""
+    return sampling.ksampler(model, latent, positive, negative, steps, cfg, sampler, scheduler, seed, denoise)
 
 
 def gaussian_draw(mu, cov, seed=3):

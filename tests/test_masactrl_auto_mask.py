@@ -8,10 +8,10 @@ from conftest import require_host
 require_host()
 
 import comfy.model_management  # noqa: E402
-import comfy.sample  # noqa: E402
 
 import official_masactrl  # noqa: E402
 import tiny_models as tm  # noqa: E402
+from sampling import ksampler  # noqa: E402
 from consistent_synthesis.nodes import masactrl as node  # noqa: E402
 from consistent_synthesis.samplers import run_context  # noqa: E402
 from consistent_synthesis.attention.layer_selection import LayerSelection, StepWindow  # noqa: E402
@@ -20,11 +20,6 @@ from consistent_synthesis.nodes.unet_layers import self_attention_layers  # noqa
 from sync_counter import HostSyncCounter  # noqa: E402
 
 STEPS = 5
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return tm.tiny_model("sd15")
 
 
 def _prompts(batch=2):
@@ -36,11 +31,8 @@ def _prompts(batch=2):
 
 
 def _sample(model, side=64, batch=2, sampler="euler", steps=STEPS, model_options=None):
-    latent = torch.zeros((batch, 4, side, side))
-    noise = comfy.sample.prepare_noise(latent, 0)
     positive, negative = _prompts(batch)
-    return comfy.sample.sample(model, noise, steps, 5.0, sampler, "normal", positive, negative, latent,
-                               disable_pbar=True, seed=0)
+    return ksampler(model, torch.zeros((batch, 4, side, side)), positive, negative, steps, 5.0, sampler)
 
 
 def test_auto_mask_equals_the_official_mask_auto_over_a_whole_run(sd15, monkeypatch, measured):
@@ -211,9 +203,7 @@ def _stacked(source_tokens: int, target_tokens: int):
 
 
 def _sample_with(model, positive, negative, side=16, steps=1):
-    latent = torch.zeros((2, 4, side, side))
-    return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 0), steps, 5.0, "euler", "normal",
-                               positive, negative, latent, disable_pbar=True, seed=0)
+    return ksampler(model, torch.zeros((2, 4, side, side)), positive, negative, steps, 5.0)
 
 
 def test_a_target_token_past_the_target_prompt_fails_though_the_source_prompt_is_longer(sd15):

@@ -10,6 +10,7 @@ require_host()
 import comfy.sample  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
+from sampling import ksampler  # noqa: E402
 from consistent_synthesis.nodes.masactrl import MasaCtrlAttentionPatch  # noqa: E402
 from consistent_synthesis.nodes.masactrl_batch import (  # noqa: E402
     MasaCtrlConditioningBatch, MasaCtrlLatentBatch)
@@ -24,16 +25,7 @@ def latents(source, targets=1, source_is_reference=False, share_noise=True, targ
 
 
 def run(model, latent, positive, negative, kind="sd15", steps=3, cfg=4.0, seed=7):
-    """What ComfyUI's KSampler node does with a LATENT dict (nodes.common_ksampler)."""
-    samples = latent["samples"]
-    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, samples,
-                               noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed)
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return tm.tiny_model("sd15")
+    return ksampler(model, latent, positive, negative, steps, cfg, seed=seed)
 
 
 def test_stacked_prompts_condition_each_image_as_if_sampled_alone(sd15):

@@ -7,10 +7,10 @@ from conftest import require_host
 
 require_host()
 
-import comfy.sample  # noqa: E402
 
 import tiny_dit_models as td  # noqa: E402
 import tiny_models as tm  # noqa: E402
+from sampling import ksampler  # noqa: E402
 from consistent_synthesis.nodes import masactrl  # noqa: E402
 from consistent_synthesis.nodes import masactrl_dit as D  # noqa: E402
 from consistent_synthesis.samplers import step_clock  # noqa: E402
@@ -32,12 +32,10 @@ def models():
 
 
 def sample(model, kind, cfg=None, seed=0):
-    latent = torch.zeros(LATENT)
-    noise = comfy.sample.prepare_noise(latent, seed)  # a different noise for every row
-    return comfy.sample.sample(model, noise, STEPS, CFG[kind] if cfg is None else cfg, "euler", "simple",
-                               td.conditioning(kind, batch=3, tokens=TEXT_TOKENS),
-                               td.conditioning(kind, batch=3, seed=1, tokens=TEXT_TOKENS), latent,
-                               disable_pbar=True, seed=seed)
+    # a different noise for every row
+    return ksampler(model, torch.zeros(LATENT), td.conditioning(kind, batch=3, tokens=TEXT_TOKENS),
+                    td.conditioning(kind, batch=3, seed=1, tokens=TEXT_TOKENS), STEPS,
+                    CFG[kind] if cfg is None else cfg, scheduler="simple", seed=seed)
 
 
 def patched(model, **kwargs):
@@ -255,8 +253,8 @@ def test_a_host_without_the_hooks_is_told_the_version(models, monkeypatch):
 def test_a_batch_without_target_is_refused(models):
     latent = torch.zeros((1,) + LATENT[1:])
     with pytest.raises(ValueError, match=r"input 'model': the latent batch holds one image"):
-        comfy.sample.sample(patched(models["flux"]), latent, STEPS, 1.0, "euler", "simple",
-                            td.conditioning("flux"), td.conditioning("flux"), latent, disable_pbar=True)
+        ksampler(patched(models["flux"]), latent, td.conditioning("flux"), td.conditioning("flux"), STEPS, 1.0,
+                 scheduler="simple")
 
 
 @pytest.mark.parametrize("kind", ["flux", "sd3"])

@@ -9,9 +9,9 @@ from conftest import require_host
 
 require_host()
 
-import comfy.sample  # noqa: E402
 
 import tiny_dit_models as td  # noqa: E402
+from sampling import ksampler  # noqa: E402
 from consistent_synthesis.nodes import masactrl_dit as D  # noqa: E402
 from consistent_synthesis.nodes.masactrl_batch import (  # noqa: E402
     MasaCtrlConditioningBatch, MasaCtrlLatentBatch)
@@ -32,11 +32,7 @@ def latents(source, targets=1, source_is_reference=False):
 
 
 def run(model, kind, latent, positive, negative, steps=3, seed=7):
-    """What ComfyUI's KSampler node does with a LATENT dict (nodes.common_ksampler)."""
-    samples = latent["samples"]
-    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
-    return comfy.sample.sample(model, noise, steps, CFG[kind], "euler", "simple", positive, negative, samples,
-                               noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed)
+    return ksampler(model, latent, positive, negative, steps, CFG[kind], scheduler="simple", seed=seed)
 
 
 @pytest.mark.parametrize("kind", ["flux", "sd3"])
@@ -116,8 +112,8 @@ def test_every_flux_target_gets_the_target_prompt_and_pooled_vector():
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.prompt_rows", record)
     samples = latents({"samples": torch.zeros(1, 16, 8, 8)}, targets=3)["samples"]
     # cfg above 1, so the negative is evaluated too
-    comfy.sample.sample(model, torch.randn(samples.shape), 1, 2.0, "euler", "simple", stack(prompts[0], prompts[1]),
-                        stack(prompts[2], prompts[3]), samples, disable_pbar=True, seed=7)
+    ksampler(model, samples, stack(prompts[0], prompts[1]), stack(prompts[2], prompts[3]), 1, 2.0,
+             scheduler="simple", seed=7)
     seen = set()
     for cond_or_uncond, context, pooled in calls:
         for chunk, kind in enumerate(cond_or_uncond):

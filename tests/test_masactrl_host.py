@@ -9,10 +9,9 @@ from conftest import require_host
 
 require_host()
 
-import comfy.sample  # noqa: E402
-import comfy.samplers  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
+from sampling import ksampler  # noqa: E402
 from consistent_synthesis.attention import masactrl as M  # noqa: E402
 from consistent_synthesis.nodes import masactrl as node  # noqa: E402
 from consistent_synthesis.nodes.masactrl import MasaCtrlAttentionPatch  # noqa: E402
@@ -21,10 +20,9 @@ LATENT = (3, 4, 16, 16)  # source + 2 targets, 128 px
 
 
 def sample(model, kind="sd15", steps=4, cfg=5.0, sampler="euler", denoise=1.0, batch=3, seed=0):
-    latent = torch.zeros((batch,) + LATENT[1:])
-    noise = comfy.sample.prepare_noise(latent, seed)  # a different noise for every row
-    return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", tm.conditioning(kind),
-                               tm.conditioning(kind, seed=1), latent, denoise=denoise, disable_pbar=True, seed=seed)
+    # a different noise for every row
+    return ksampler(model, torch.zeros((batch,) + LATENT[1:]), tm.conditioning(kind), tm.conditioning(kind, seed=1),
+                    steps, cfg, sampler, seed=seed, denoise=denoise)
 
 
 def patched(model, **kwargs):
@@ -117,11 +115,6 @@ class AttentionRecorder:
                     kinds.append("other")
             result[key] = kinds
         return result
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return tm.tiny_model("sd15")
 
 
 @pytest.fixture(scope="module")

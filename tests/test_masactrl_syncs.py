@@ -12,9 +12,9 @@ from conftest import require_host
 
 require_host()
 
-import comfy.sample  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
+from sampling import ksampler  # noqa: E402
 from consistent_synthesis.nodes.masactrl import patch_model  # noqa: E402
 from sync_counter import HostSyncCounter  # noqa: E402
 
@@ -22,16 +22,9 @@ LATENT = (3, 4, 8, 8)
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def sd15():
-    return tm.tiny_model("sd15")
-
-
 def _sample(model, sampler):
-    latent = torch.zeros(LATENT)
-    noise = comfy.sample.prepare_noise(latent, 0)
-    return comfy.sample.sample(model, noise, STEPS, 5.0, sampler, "normal", tm.conditioning("sd15"),
-                               tm.conditioning("sd15", seed=1), latent, disable_pbar=True, seed=0)
+    return ksampler(model, torch.zeros(LATENT), tm.conditioning("sd15"), tm.conditioning("sd15", seed=1), STEPS, 5.0,
+                    sampler)
 
 
 def _syncs(model, sampler) -> HostSyncCounter:
@@ -126,10 +119,7 @@ def test_window_follows_the_sigma_of_every_evaluation(sd15, sampler, monkeypatch
         return inside
 
     monkeypatch.setattr(step_clock, "in_window", checked)
-    latent = torch.zeros(LATENT)
-    noise = comfy.sample.prepare_noise(latent, 0)
-    comfy.sample.sample(patch_model(sd15, start_step=2, end_step=4, start_layer=12), noise, 6, 5.0, sampler,
-                        "normal", tm.conditioning("sd15"), tm.conditioning("sd15", seed=1), latent,
-                        disable_pbar=True, seed=0)
+    ksampler(patch_model(sd15, start_step=2, end_step=4, start_layer=12), torch.zeros(LATENT), tm.conditioning("sd15"),
+             tm.conditioning("sd15", seed=1), 6, 5.0, sampler)
     assert decisions and all(inside == expected for inside, expected in decisions)
     assert any(inside for inside, _ in decisions) and not all(inside for inside, _ in decisions)

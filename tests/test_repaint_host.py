@@ -8,13 +8,13 @@ from conftest import require_host
 require_host()
 
 import comfy.model_base  # noqa: E402
-import comfy.sample  # noqa: E402
 import comfy.sampler_helpers  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy.utils  # noqa: E402
 
 import analytic as A  # noqa: E402
 import tiny_models as tm  # noqa: E402
+from sampling import ksampler  # noqa: E402
 from consistent_synthesis.nodes.repaint import RePaint, RePaintKSampler, RePaintSampler, repaint_ksampler  # noqa: E402
 from consistent_synthesis.samplers import repaint as R  # noqa: E402
 
@@ -33,11 +33,6 @@ def run(model, latent, sampler="euler", steps=6, jump_length=2, jump_n_sample=2,
     return repaint_ksampler(model, seed, steps, cfg, sampler, "normal", tm.conditioning(kind),
                             tm.conditioning(kind, seed=1), latent, 1.0, jump_length, jump_n_sample,
                             **kwargs)["samples"]
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return tm.tiny_model("sd15")
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m", "ddim", "heun", "uni_pc"])
@@ -63,10 +58,7 @@ def test_one_sample_per_level_with_fixed_renoise_is_comfyuis_masked_ksampler_bit
     noise the two are the same computation, bit for bit."""
     latent = masked_latent()
     ours = run(sd15, latent, "euler", steps=5, jump_n_sample=1, renoise="fixed")
-    noise = comfy.sample.prepare_noise(latent["samples"], 3)
-    host = comfy.sample.sample(sd15, noise, 5, 4.0, "euler", "normal", tm.conditioning("sd15"),
-                               tm.conditioning("sd15", seed=1), latent["samples"], noise_mask=latent["noise_mask"],
-                               disable_pbar=True, seed=3)
+    host = ksampler(sd15, latent, tm.conditioning("sd15"), tm.conditioning("sd15", seed=1), 5, 4.0, seed=3)
     assert torch.equal(ours[..., 8:], host[..., 8:])
     torch.testing.assert_close(ours, host)  # the known region: the host's round trip through scale factors
 

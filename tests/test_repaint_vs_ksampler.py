@@ -14,20 +14,15 @@ from conftest import require_host
 
 require_host()
 
-import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 from comfy_extras.nodes_custom_sampler import CFGGuider, RandomNoise, SamplerCustomAdvanced  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
+from sampling import ksampler  # noqa: E402
 from consistent_synthesis.nodes.repaint import RePaintSampler, repaint_ksampler  # noqa: E402
 from consistent_synthesis.samplers import repaint as R  # noqa: E402
 
 SEED, CFG = 7, 3.0
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return tm.tiny_model("sd15")
 
 
 def latent_with_mask(generate_right_half=True, batch=2):
@@ -45,10 +40,9 @@ def ours(model, latent, sampler, steps, jump_n_sample=1, jump_length=2, **window
 
 
 def host(model, latent, sampler, steps, mask=True):
-    noise = comfy.sample.prepare_noise(latent["samples"], SEED)
-    return comfy.sample.sample(model, noise, steps, CFG, sampler, "normal", tm.conditioning("sd15"),
-                               tm.conditioning("sd15", seed=1), latent["samples"],
-                               noise_mask=latent["noise_mask"] if mask else None, disable_pbar=True, seed=SEED)
+    latent = latent if mask else {"samples": latent["samples"]}
+    return ksampler(model, latent, tm.conditioning("sd15"), tm.conditioning("sd15", seed=1), steps, CFG, sampler,
+                    seed=SEED)
 
 
 def recording(model):
