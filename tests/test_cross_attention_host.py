@@ -113,6 +113,20 @@ def test_the_original_model_is_untouched():
     assert "patches_replace" not in model.model_options.get("transformer_options", {})
 
 
-def test_the_recorder_survives_clone_as_the_same_object():
-    recorder = maps_node.recording_attn2(lambda m, e: None)
-    assert copy.deepcopy(recorder) is recorder
+class MapCollector:
+    """Keeps the maps it is handed; its bound ``add`` is the recorder's callback, as a node's state would be."""
+
+    def __init__(self):
+        self.maps = []
+
+    def add(self, maps, extra_options):
+        self.maps.append(maps)
+
+
+def test_maps_recorded_by_a_clone_of_the_model_reach_the_callers_collector():
+    """``ModelPatcher.clone`` deep-copies ``model_options``: the maps must still reach the collector the
+    caller holds, not a copy of it made with the patch."""
+    collector = MapCollector()
+    patched = recording(tm.tiny_model("sd15"), collector.add)
+    sample(patched.clone().clone(), "sd15", 16)
+    assert len(collector.maps) == 5

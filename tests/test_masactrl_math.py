@@ -115,7 +115,9 @@ def test_empty_mask_region_attends_to_every_source_key():
 def test_rows_selected_by_views_agree_with_index_lists(source_index, mode):
     q, k, v = qkv(6, seed=7)  # 2 chunks of 3
     out = M.mutual_self_attention(q, k, v, HEADS, chunks=2, source_index=source_index, mode=mode)
-    sources, targets = M.split_rows(6, 2, source_index)
+    sources = [source_index, 3 + source_index]  # the source row of each chunk (cond, uncond)
+    targets = [r for r in range(6) if r not in sources]
+    assert M.split_rows(6, 2, source_index) == (sources, targets)
     for s in sources:
         torch.testing.assert_close(out[s], M.sdpa_attention(q[s:s + 1], k[s:s + 1], v[s:s + 1], HEADS)[0])
     for t in targets:

@@ -151,13 +151,14 @@ def test_repaint_loop_denoises_segments_and_jumps_with_fresh_noise():
         draws.append(1)
         return torch.ones(1)
 
+    # 6 levels, jumps of 2 at the jump points t = 2 and t = 0 (paper_schedule):
+    assert schedule == [0, 1, 2, 3, 2, 1, 2, 3, 4, 5, 4, 3, 4, 5, 6]
     out = R.repaint(denoise, torch.zeros(1), sigmas, schedule, noise, flow=False)
-    downs = [s for s in calls]
-    assert sum(len(seg) - 1 for _, seg in downs) == R.model_steps(schedule)
-    assert len(draws) == len(R.segments(schedule)) - len(calls)
-    assert all(seg == sorted(seg, reverse=True) for _, seg in downs)
+    # three runs down (levels 0-3, 1-5, 3-6: 10 evaluations), two jumps up (3 -> 1, 5 -> 3), one draw each
+    assert [seg for _, seg in calls] == [sigmas[0:4].tolist(), sigmas[1:6].tolist(), sigmas[3:7].tolist()]
+    assert len(draws) == 2
     # jumps added exactly sqrt(s_to^2 - s_from^2) of the unit noise each
-    expected = sum((sigmas[b] ** 2 - sigmas[a] ** 2).sqrt() for a, b in R.segments(schedule) if b < a)
+    expected = (sigmas[1] ** 2 - sigmas[3] ** 2).sqrt() + (sigmas[3] ** 2 - sigmas[5] ** 2).sqrt()
     torch.testing.assert_close(out, expected.reshape(1))
 
 
