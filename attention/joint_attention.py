@@ -106,24 +106,3 @@ def joint_mutual_attention(
     out_tgt = out_tgt.reshape((chunks, per_chunk - 1) + tuple(out_tgt.shape[1:]))
     out = torch.cat([out_tgt[:, :s], out_src[:, None].to(out_tgt.dtype), out_tgt[:, s:]], dim=1)
     return out.flatten(0, 1)
-
-
-def reference_joint_attention(q, k, v, *, image_start: int, chunks: int, source_index: int = 0,
-                              mode: str = "mutual") -> torch.Tensor:
-    """The same result row by row with the logits materialized: the tests' and benchmarks' reference."""
-    batch, heads, tokens, d = q.shape
-    per_chunk = check_rows(batch, chunks, source_index)
-    rows = []
-    for b in range(batch):
-        src = (b // per_chunk) * per_chunk + source_index
-        if b == src:
-            kb, vb = k[b], v[b]
-        elif mode == "mutual":
-            kb = torch.cat([k[b, :, :image_start], k[src, :, image_start:]], dim=1)
-            vb = torch.cat([v[b, :, :image_start], v[src, :, image_start:]], dim=1)
-        else:
-            kb = torch.cat([k[b], k[src, :, image_start:]], dim=1)
-            vb = torch.cat([v[b], v[src, :, image_start:]], dim=1)
-        weights = (q[b].float() @ kb.float().transpose(-1, -2) * d ** -0.5).softmax(-1)
-        rows.append((weights @ vb.float()).transpose(0, 1).reshape(tokens, heads * d))
-    return torch.stack(rows).to(q.dtype)

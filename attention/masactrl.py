@@ -100,17 +100,6 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     return out.transpose(1, 2).reshape(b, n, inner)
 
 
-def sampling_step(sample_sigmas: torch.Tensor, sigma) -> int:
-    """The step of a run that a model call at ``sigma`` belongs to (reads the device: tests and fallbacks).
-
-    Step ``i`` covers the noise levels in ``(sample_sigmas[i + 1], sample_sigmas[i]]``, so the
-    extra evaluations of heun-like samplers and the truncated schedules of ``denoise < 1``
-    count by the run's own steps, not by calls (the official code counts calls).
-    """
-    inner = sample_sigmas[1:-1].float()
-    return int((inner >= float(sigma) * (1 - 1e-5)).sum())
-
-
 def check_rows(batch: int, chunks: int, source_index: int) -> int:
     """Latents per cond/uncond chunk of a MasaCtrl batch; ValueError when it has no target."""
     if chunks < 1 or batch % chunks:
@@ -121,14 +110,6 @@ def check_rows(batch: int, chunks: int, source_index: int) -> int:
     if per_chunk < 2:
         raise ValueError("the latent batch holds only the source: MasaCtrl needs at least one target")
     return per_chunk
-
-
-def split_rows(batch: int, chunks: int, source_index: int) -> tuple[list[int], list[int]]:
-    """Row indices of the sources (one per chunk) and of the targets (chunk-major order)."""
-    per_chunk = check_rows(batch, chunks, source_index)
-    sources = [c * per_chunk + source_index for c in range(chunks)]
-    targets = [c * per_chunk + i for c in range(chunks) for i in range(per_chunk) if i != source_index]
-    return sources, targets
 
 
 def resize_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:

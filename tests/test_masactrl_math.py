@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from consistent_synthesis.attention import masactrl as M
+from consistent_synthesis.samplers import step_clock
 
 HEADS, DIM_HEAD, TOKENS = 4, 8, 64  # 8x8 latent tokens
 
@@ -117,7 +118,6 @@ def test_rows_selected_by_views_agree_with_index_lists(source_index, mode):
     out = M.mutual_self_attention(q, k, v, HEADS, chunks=2, source_index=source_index, mode=mode)
     sources = [source_index, 3 + source_index]  # the source row of each chunk (cond, uncond)
     targets = [r for r in range(6) if r not in sources]
-    assert M.split_rows(6, 2, source_index) == (sources, targets)
     for s in sources:
         torch.testing.assert_close(out[s], M.sdpa_attention(q[s:s + 1], k[s:s + 1], v[s:s + 1], HEADS)[0])
     for t in targets:
@@ -127,11 +127,11 @@ def test_rows_selected_by_views_agree_with_index_lists(source_index, mode):
         torch.testing.assert_close(out[t], M.naive_attention(q[t:t + 1], k_t, v_t, HEADS)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_sampling_step_maps_sigmas_to_the_run_steps():
+def test_the_step_read_from_the_sigma_is_the_runs_sigma_interval():
     sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
-    assert [M.sampling_step(sigmas, s) for s in (10.0, 7.0, 5.0, 3.0, 2.0, 1.5, 1.0, 0.5)] == \
+    assert [step_clock.step_from_sigma(sigmas, s) for s in (10.0, 7.0, 5.0, 3.0, 2.0, 1.5, 1.0, 0.5)] == \
         [0, 0, 1, 1, 2, 2, 3, 3]
-    assert M.sampling_step(sigmas, 12.0) == 0
+    assert step_clock.step_from_sigma(sigmas, 12.0) == 0
 
 
 @pytest.mark.parametrize("batch,chunks,source,message", [
@@ -139,9 +139,9 @@ def test_sampling_step_maps_sigmas_to_the_run_steps():
     (4, 2, 2, "source_index 2"),
     (5, 2, 0, "cannot be split"),
 ])
-def test_split_rows_rejects_batches_without_a_target(batch, chunks, source, message):
+def test_check_rows_rejects_batches_without_a_target(batch, chunks, source, message):
     with pytest.raises(ValueError, match=message):
-        M.split_rows(batch, chunks, source)
+        M.check_rows(batch, chunks, source)
 
 
 def test_mask_guidance_is_only_defined_for_mutual_mode():
