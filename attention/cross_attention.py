@@ -19,10 +19,31 @@ Pure torch; the ComfyUI side (which layers, which resolution, recording) is in
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # At most this many float32 scores (batch x heads x queries x tokens) are held at once.
 _SCORE_BUDGET = 1 << 26
+# The maps are kept at latent/4; a latent side of at most 4 gives one row (or column) of them, and a
+# 1 x 1 map cannot show where a word is (min-max makes it 0). 5 is the smallest side with 2 cells.
+MAP_DOWNSCALE = 4
+SMALLEST_LATENT_SIDE = MAP_DOWNSCALE + 1
+
+
+def map_size(height: int, width: int) -> tuple[int, int]:
+    """The ``(h, w)`` of the latent/4 maps of a ``height x width`` latent.
+
+    Each of the UNet's stride-2 downsamplings (3 x 3 convolution, padding 1) maps a side ``s`` to
+    ``ceil(s / 2)``, so two of them give ``ceil(s / 4)``.
+    """
+    return -(-height // MAP_DOWNSCALE), -(-width // MAP_DOWNSCALE)
+
+
+def maps_too_small(height: int, width: int) -> bool:
+    """Whether a ``height x width`` latent's maps hold a single position (nothing can stand out)."""
+    map_h, map_w = map_size(height, width)
+    return map_h * map_w < 2
 
 
 def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -46,6 +67,16 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tenso
         part = sim.softmax(dim=-1).sum(dim=1)
         total = part if total is None else total + part
     return total / heads
+
+
+def conditional_rows(maps: torch.Tensor, cond_or_uncond: list[int]) -> torch.Tensor | None:
+    """The rows of the conditional chunk (``cond_or_uncond`` entry 0) of a call's ``(b, n, m)`` maps,
+    or None for a call without one (an unconditional-only call of a split evaluation)."""
+    if 0 not in cond_or_uncond:
+        return None
+    per_chunk = maps.shape[0] // len(cond_or_uncond)
+    c = cond_or_uncond.index(0)
+    return maps[c * per_chunk:(c + 1) * per_chunk]
 
 
 def token_map(maps: list[torch.Tensor], selection: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -118,3 +149,15 @@ def own_token_count(context: torch.Tensor) -> int:
                                            context[:p].expand(length // p, p, context.shape[-1])):
             return p
     return length
+
+
+def repeat_to_common_length(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Repeat each token sequence up to a common length (their lcm), as ComfyUI batches prompts.
+
+    Repeating the whole key/value sequence leaves softmax cross-attention unchanged, so every
+    prompt conditions its image exactly as it would alone. In the joint attention of Flux and
+    SD3 it does not (the repeated text tokens are also queried by the image): there prompts of
+    equal token count are exact, which short prompts are (T5 pads to 256 tokens for Flux, 77 for SD3).
+    """
+    length = math.lcm(*(t.shape[1] for t in tensors))
+    return [t.repeat(1, length // t.shape[1], 1) for t in tensors]

@@ -13,21 +13,29 @@ import torch
 
 import comfy.ldm.modules.attention as host_attention
 
-from ..attention.cross_attention import token_attention
+from ..attention.cross_attention import SMALLEST_LATENT_SIDE, map_size, token_attention
 from .unet_layers import LayerKey, self_attention_layers, transformer_block
 
 OnMaps = Callable[[torch.Tensor, dict], None]
+VAE_SCALE = 8  # latent -> image pixels for SD1.x, SD2.x and SDXL
 
 
 def map_resolution(extra_options: dict) -> tuple[int, int]:
-    """The ``(h, w)`` of the latent/4 maps for this UNet call.
-
-    From ``extra_options["original_shape"]`` (the latent, ``(b, c, h, w)``): each of the UNet's
-    stride-2 downsamplings (3 x 3 convolution, padding 1) maps a side ``s`` to ``ceil(s / 2)``,
-    so two of them give ``ceil(s / 4)``.
-    """
+    """The ``(h, w)`` of the latent/4 maps for this UNet call, from ``extra_options["original_shape"]``
+    (the latent, ``(b, c, h, w)``): ``cross_attention.map_size``."""
     h, w = extra_options["original_shape"][-2:]
-    return -(-h // 4), -(-w // 4)
+    return map_size(h, w)
+
+
+def too_small_message(latent_shape, what: str) -> str:
+    """Why a latent this small has no usable map (``maps_too_small``); ``what`` is what the maps would show."""
+    h, w = latent_shape[-2:]
+    map_h, map_w = map_size(h, w)
+    side = SMALLEST_LATENT_SIDE
+    return (f"a {w * VAE_SCALE}x{h * VAE_SCALE} px image ({w}x{h} latent) is too small: its cross-attention maps "
+            f"(latent/4) are {map_w}x{map_h}, one position, which cannot show {what}. Use an image of at least "
+            f"{side * VAE_SCALE} px on one side (a latent of {side}, maps of 2 positions); 512 px gives the "
+            "official code's 16x16 maps.")
 
 
 def cross_attention_layers(diffusion_model) -> list[LayerKey]:

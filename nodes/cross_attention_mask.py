@@ -10,29 +10,15 @@ attn2 replacements on a clone; the user's model is unchanged and the UNet output
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import comfy.sample
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..attention import cross_attention
-from . import checks, cross_attention_maps, prompt_tokens
+from ..attention import cross_attention, heatmap
+from . import checks, cross_attention_maps, host_compat, prompt_tokens
 
 NODE = "CrossAttentionMask"
-VAE_SCALE = 8  # latent -> image pixels for SD1.x, SD2.x and SDXL
-
-
-def _error(input_name: str, message: str) -> ValueError:
-    return ValueError(f"{NODE}: input '{input_name}': {message}")
-
-
-def heatmap(values: torch.Tensor) -> torch.Tensor:
-    """``(b, h, w)`` values in 0-1 -> ``(b, h, w, 3)`` RGB in 0-1, the "jet" colour map
-    (0 blue, 0.5 green-yellow, 1 red)."""
-    x = values.clamp(0, 1)[..., None]
-    centres = torch.tensor([3.0, 2.0, 1.0], dtype=x.dtype, device=x.device)  # r, g, b
-    return (1.5 - (4 * x - centres).abs()).clamp(0, 1)
 
 
 def _one_call(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -53,12 +39,9 @@ def record_maps(model, conditioning, latent: torch.Tensor, noise_level: float, s
     maps: list[torch.Tensor] = []
 
     def on_maps(layer_maps: torch.Tensor, extra_options: dict) -> None:
-        cond_or_uncond = extra_options["cond_or_uncond"]
-        if 0 not in cond_or_uncond:
-            return
-        per_chunk = layer_maps.shape[0] // len(cond_or_uncond)
-        c = cond_or_uncond.index(0)
-        maps.append(layer_maps[c * per_chunk:(c + 1) * per_chunk])
+        rows = cross_attention.conditional_rows(layer_maps, extra_options["cond_or_uncond"])
+        if rows is not None:
+            maps.append(rows)
 
     patched = model.clone()
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
@@ -76,50 +59,33 @@ def record_maps(model, conditioning, latent: torch.Tensor, noise_level: float, s
     return maps
 
 
-def word_map(model, clip, text: str, words: str, latent: torch.Tensor, noise_level: float,
-             seed: int) -> torch.Tensor:
-    """The words' normalised map of each latent image, ``(b, ceil(h/4), ceil(w/4))``."""
+def check_model_and_latent(model, latent: dict) -> None:
+    """The node's checks of ``model`` and ``latent`` beyond their types: a latent of this model, a UNet
+    with cross-attention, maps of more than one position."""
+    checks.latent_for_model(NODE, "latent", latent, model)
     if not cross_attention_maps.cross_attention_layers(model.get_model_object("diffusion_model")):
-        raise _error("model", "this model has no UNet cross-attention layers; use an SD1.x, SD2.x or SDXL "
-                              "checkpoint.")
-    map_h, map_w = cross_attention_maps.map_resolution({"original_shape": list(latent.shape)})
-    if map_h * map_w < 2:
-        h, w = latent.shape[-2:]
-        raise _error("latent", f"a {w * VAE_SCALE}x{h * VAE_SCALE} px image ({w}x{h} latent) is too small: "
-                               f"its cross-attention maps (latent/4) are {map_w}x{map_h}, one position, which "
-                               f"cannot show where the words are. Use an image of at least {5 * VAE_SCALE} px on "
-                               f"one side (a latent of 5, maps of 2 positions); 512 px gives the official code's "
-                               f"16x16 maps.")
+        raise checks.error(NODE, "model", "this model has no UNet cross-attention layers; use an SD1.x, SD2.x or "
+                           "SDXL checkpoint.")
+    if cross_attention.maps_too_small(*latent["samples"].shape[-2:]):
+        raise checks.error(NODE, "latent", cross_attention_maps.too_small_message(latent["samples"].shape,
+                                                                                 "where the words are"))
+
+
+def word_map(model, clip, text: str, words: str, latent: dict, noise_level: float, seed: int) -> torch.Tensor:
+    """The words' normalised map of each image of the LATENT ``latent``, ``(b, ceil(h/4), ceil(w/4))``
+    (inputs checked by ``check_model_and_latent``)."""
+    map_h, map_w = cross_attention.map_size(*latent["samples"].shape[-2:])
     indices = prompt_tokens.token_indices(clip, text, words, node=NODE)
     conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)
-    maps = record_maps(model, conditioning, latent, noise_level, seed)
+    samples = host_compat.fix_empty_latent_channels(model, latent)
+    maps = record_maps(model, conditioning, samples, noise_level, seed)
     if not maps:
-        raise _error("latent", f"no cross-attention layer ran at latent/4 for a latent of "
-                               f"{tuple(latent.shape[-2:])}; use a larger latent.")
+        raise checks.error(NODE, "latent", f"no cross-attention layer ran at latent/4 for a latent of "
+                           f"{tuple(samples.shape[-2:])}; use a larger latent.")
     b, _, m = maps[0].shape
     cross_attention.check_token_indices(indices, m, NODE, "words")
     return cross_attention.token_map(maps, cross_attention.selection([indices] * b, m, maps[0].device),
                                      map_h, map_w)
-
-
-def mask_and_heatmap(token_map: torch.Tensor, height: int, width: int, threshold: float,
-                     image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear upsampling of the map to ``height x width``, then the threshold (``> threshold``);
-    the heatmap is the upsampled map in colour, half over ``image`` when one is given."""
-    upsampled = F.interpolate(token_map[:, None].float(), size=(height, width), mode="bilinear",
-                              align_corners=False)[:, 0].clamp(0, 1)
-    mask = (upsampled > threshold).float()
-    colours = heatmap(upsampled)
-    if image is not None:
-        picture = image[..., :3].float().to(colours.device)
-        if picture.shape[1:3] != (height, width):
-            picture = F.interpolate(picture.movedim(-1, 1), size=(height, width), mode="bilinear",
-                                    align_corners=False).movedim(1, -1)
-        if picture.shape[0] != colours.shape[0]:
-            picture = picture[:1].expand(colours.shape[0], -1, -1, -1)
-        colours = 0.5 * picture + 0.5 * colours
-    return mask.cpu(), colours.cpu()
 
 
 class CrossAttentionMask(io.ComfyNode):
@@ -162,14 +128,9 @@ class CrossAttentionMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, text, words, latent, noise_level, seed, threshold, image=None) -> io.NodeOutput:
-        checks.inputs(cls, locals())
-        if not 0.0 < noise_level <= 1.0:
-            raise _error("noise_level", f"{noise_level} is outside (0, 1]; use e.g. 0.5.")
-        if not 0.0 <= threshold <= 1.0:
-            raise _error("threshold", f"{threshold} is outside 0 to 1 (the map is normalised to 0-1).")
-        checks.latent_for_model(NODE, "latent", latent, model)
-        samples = latent["samples"]
-        token_map = word_map(model, clip, text, words, samples, noise_level, seed)
-        height, width = samples.shape[-2] * VAE_SCALE, samples.shape[-1] * VAE_SCALE
-        mask, colours = mask_and_heatmap(token_map, height, width, threshold, image)
-        return io.NodeOutput(mask, colours)
+        checks.inputs(cls, locals())  # noise_level and threshold: within their 0-1 ranges
+        check_model_and_latent(model, latent)
+        token_map = word_map(model, clip, text, words, latent, noise_level, seed)
+        height, width = (side * cross_attention_maps.VAE_SCALE for side in latent["samples"].shape[-2:])
+        mask, colours = heatmap.mask_and_heatmap(token_map, height, width, threshold, image)
+        return io.NodeOutput(mask.cpu(), colours.cpu())

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
 import comfy.patcher_extension
 from comfy_api.latest import io
 
+from ..attention import cross_attention
 from . import checks
 
 BATCHED_KEYS = ("pooled_output",)
@@ -21,18 +21,6 @@ JOINT_TEXT_WIDTH = 4096
 # batch has more targets gives each extra target the target prompt (prompts_to_batch).
 PROMPT_ROWS = "masactrl_prompt_rows"
 WRAPPER_KEY = "consistent_synthesis.masactrl_prompt_rows"
-
-
-def _pad_tokens(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Repeat each token sequence up to a common length (their lcm), as ComfyUI batches prompts.
-
-    Repeating the whole key/value sequence leaves softmax cross-attention unchanged, so every
-    prompt conditions its image exactly as it would alone. In the joint attention of Flux and
-    SD3 it does not (the repeated text tokens are also queried by the image): there prompts of
-    equal token count are exact, which short prompts are (T5 pads to 256 tokens for Flux, 77 for SD3).
-    """
-    length = math.lcm(*(t.shape[1] for t in tensors))
-    return [t.repeat(1, length // t.shape[1], 1) for t in tensors]
 
 
 def stack_conditioning(source: list, target: list, node: str = "MasaCtrlConditioningBatch") -> list:
@@ -63,7 +51,7 @@ def stack_conditioning(source: list, target: list, node: str = "MasaCtrlConditio
         ignored = sorted(k for k in d_t if k not in BATCHED_KEYS and k not in d_s and k != PROMPT_ROWS)
         if ignored:
             logging.warning("%s: the target's %s are not carried over; apply them after batching.", node, ignored)
-        stacked = torch.cat(_pad_tokens([c_s, c_t]))
+        stacked = torch.cat(cross_attention.repeat_to_common_length([c_s, c_t]))
         d[PROMPT_ROWS] = stacked.shape[0]
         out.append([stacked, d])
     return out
@@ -163,9 +151,9 @@ def _target_rows(target: dict, targets: int, size: tuple, node: str) -> tuple[to
     else:
         mask = mask.reshape((-1, 1) + tuple(mask.shape[-2:])).float()
         if mask.shape[0] not in (1, targets):
-            raise ValueError(f"{node}: input 'target': its noise_mask holds {mask.shape[0]} masks for {targets} "
-                             f"target{'s' if targets != 1 else ''}; give one mask for all targets or one for each "
-                             "(the mask given to Set Latent Noise Mask).")
+            raise checks.error(node, "target", f"its noise_mask holds {mask.shape[0]} masks for {targets} "
+                               f"target{'s' if targets != 1 else ''}; give one mask for all targets or one for each "
+                               "(the mask given to Set Latent Noise Mask).")
         if tuple(mask.shape[-2:]) != size[1:]:
             mask = torch.nn.functional.interpolate(mask, size=size[1:], mode="bilinear")
     return samples.expand((targets,) + size), mask.expand((targets, 1) + size[1:])

@@ -15,10 +15,6 @@ from . import checks
 NODE = "PromptTokenIndices"
 
 
-def _error(input_name: str, message: str, node: str = NODE) -> ValueError:
-    return ValueError(f"{node}: input '{input_name}': {message}")
-
-
 def _sub_tokenizers(clip) -> dict:
     """The tokenizer of each text encoder, keyed as ``clip.tokenize`` keys its output."""
     tokenizer = clip.tokenizer
@@ -56,17 +52,15 @@ def token_indices(clip, text: str, words: str, text_input: str = "text", words_i
                   node: str = NODE) -> list[int]:
     """Sorted indices into ``text``'s concatenated token chunks of every token of every word of
     ``words`` (comma-separated), at each place the word occurs. Errors name ``node`` (the node the
-    user placed) and the inputs."""
-    if clip is None:
-        raise _error("clip", "no CLIP connected; connect the checkpoint's CLIP.", node)
+    user placed) and the inputs; ``clip`` is a CLIP (the node's input checks)."""
     wanted = split_words(words)
     if not wanted:
-        raise _error(words_input, "no word given; write one or more comma-separated words of the prompt, "
-                                  "e.g. 'hand' or 'red hat, dog'.", node)
+        raise checks.error(node, words_input, "no word given; write one or more comma-separated words of the "
+                           "prompt, e.g. 'hand' or 'red hat, dog'.")
     subs = _sub_tokenizers(clip)
     if not subs:
-        raise _error("clip", "this CLIP has no CLIP-style tokenizer; word positions need an SD1.x, SD2.x or "
-                             "SDXL text encoder.", node)
+        raise checks.error(node, "clip", "this CLIP has no CLIP-style tokenizer; word positions need an SD1.x, "
+                           "SD2.x or SDXL text encoder.")
     prompt = clip.tokenize(text)
     per_encoder = {}
     for key, sub in subs.items():
@@ -76,16 +70,15 @@ def token_indices(clip, text: str, words: str, text_input: str = "text", words_i
             pattern = _word_ids(sub, word)
             places = _occurrences(sequence, pattern) if pattern else []
             if not places:
-                raise _error(words_input, f"{word!r:.60} is not in the prompt of input '{text_input}' (as "
-                                          f"this CLIP's tokenizer splits it); use words that occur in the "
-                                          "prompt.", node)
+                raise checks.error(node, words_input, f"{word!r:.60} is not in the prompt of input '{text_input}' "
+                                   "(as this CLIP's tokenizer splits it); use words that occur in the prompt.")
             for p in places:
                 found.update(range(p, p + len(pattern)))
         per_encoder[key] = sorted(found)
     layouts = list(per_encoder.values())
     if any(layout != layouts[0] for layout in layouts[1:]):
-        raise _error("clip", f"the text encoders lay the prompt out differently ({per_encoder}); "
-                             "the UNet's token positions are ambiguous.", node)
+        raise checks.error(node, "clip", f"the text encoders lay the prompt out differently ({per_encoder}); "
+                           "the UNet's token positions are ambiguous.")
     return layouts[0]
 
 

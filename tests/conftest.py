@@ -14,8 +14,9 @@ The rule, applied when the tests are collected: a tier mark on the test or its m
 test that uses a browser fixture is ``browser``, one that uses ``comfy_server`` is ``server``, one
 whose module called ``require_host()`` is ``host``, and any other is ``pure``. Besides the tier,
 ``slow`` marks the tests that build or load the full-size random stand-in models (GBs; minutes
-the first time). A test that starts a server without ``server`` (or ``browser``), or asks for a
-stand-in without ``slow`` (or ``server``), fails naming the mark to add.
+the first time) and the few that run half a minute or more. A test that starts a server without
+``server`` (or ``browser``), or asks for a stand-in without ``slow`` (or ``server``), fails naming
+the mark to add.
 
 The fast loop (no server, no browser, no full-size model): ``python3 -m pytest -m "not server and not
 browser and not slow"``; ``python3 -m pytest`` runs every tier.

@@ -15,6 +15,7 @@ import comfy.sd1_clip  # noqa: E402
 import comfy.sdxl_clip  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
+from consistent_synthesis.attention import heatmap  # noqa: E402
 from consistent_synthesis.nodes import cross_attention_mask as mask_node  # noqa: E402
 from consistent_synthesis.nodes.cross_attention_mask import CrossAttentionMask  # noqa: E402
 from consistent_synthesis.nodes.prompt_tokens import PromptTokenIndices  # noqa: E402
@@ -108,7 +109,7 @@ def test_the_map_is_that_of_the_words_tokens_in_the_latent_over_4_layers_of_one_
             handles.append(module.to_k.register_forward_hook(lambda m, a, out: ks.append(out)))
             heads = module.heads
     try:
-        token_map = mask_node.word_map(sd15, tokenizer_clip(), TEXT, "hand, table", latent()["samples"], 0.5, 7)
+        token_map = mask_node.word_map(sd15, tokenizer_clip(), TEXT, "hand, table", latent(), 0.5, 7)
     finally:
         for h in handles:
             h.remove()
@@ -127,7 +128,7 @@ def test_the_map_is_that_of_the_words_tokens_in_the_latent_over_4_layers_of_one_
 
 def test_the_mask_is_the_upsampled_map_above_the_threshold(sd15):
     mask, heat = run(sd15, threshold=0.5)
-    token_map = mask_node.word_map(sd15, tokenizer_clip(), TEXT, "hand", latent()["samples"], 0.5, 7)
+    token_map = mask_node.word_map(sd15, tokenizer_clip(), TEXT, "hand", latent(), 0.5, 7)
     up = torch.nn.functional.interpolate(token_map[:, None], size=(256, 256), mode="bilinear")[:, 0]
     assert torch.equal(mask, (up > 0.5).float())
     # cell centres of the 8 x 8 map, where bilinear upsampling returns the map's own values
@@ -140,8 +141,8 @@ def test_the_mask_is_the_upsampled_map_above_the_threshold(sd15):
 
 
 def test_a_higher_threshold_masks_less(sd15):
-    token_map = mask_node.word_map(sd15, tokenizer_clip(), TEXT, "hand", latent()["samples"], 0.5, 7)
-    areas = [mask_node.mask_and_heatmap(token_map, 256, 256, t)[0].mean().item() for t in (0.0, 0.3, 0.7, 1.0)]
+    token_map = mask_node.word_map(sd15, tokenizer_clip(), TEXT, "hand", latent(), 0.5, 7)
+    areas = [heatmap.mask_and_heatmap(token_map, 256, 256, t)[0].mean().item() for t in (0.0, 0.3, 0.7, 1.0)]
     assert areas[0] > areas[1] > areas[2] > areas[3] == 0.0
 
 
@@ -238,6 +239,6 @@ def test_an_empty_latent_of_another_channel_count_is_resized_as_the_hosts_sample
 def test_sdxl_reads_its_latent_over_4_layers():
     model = tm.tiny_model("sdxl")
     clip = tokenizer_clip("sdxl")
-    token_map = mask_node.word_map(model, clip, TEXT, "hand", latent(64)["samples"], 0.5, 7)
+    token_map = mask_node.word_map(model, clip, TEXT, "hand", latent(64), 0.5, 7)
     assert token_map.shape == (1, 16, 16)
     assert token_map.amin() == 0 and token_map.amax() == 1

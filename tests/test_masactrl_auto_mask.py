@@ -35,6 +35,7 @@ def _sample(model, side=64, batch=2, sampler="euler", steps=STEPS, model_options
     return ksampler(model, torch.zeros((batch, 4, side, side)), positive, negative, steps, 5.0, sampler)
 
 
+@pytest.mark.slow  # a whole run at 4096 tokens, twice: about half a minute, most of the fast loop's time
 def test_auto_mask_equals_the_official_mask_auto_over_a_whole_run(sd15, monkeypatch, measured):
     # SD1.5 at a 64 x 64 latent: the official code keeps its 16 x 16 maps, the pack its latent/4 maps,
     # the same layers. Steps and layers from the official defaults' shape (start 1 of 4, layer 10).
