@@ -5,53 +5,21 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import torch
 
 import comfy.model_management
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..pose import complete, detect, edits, openpose, render
+from ..pose import detect, edits, openpose, outpaint
+from ..pose.outpaint import MAX_PAD
 from . import checks
 
 NODE = "PoseEditOutpaint"
 PoseKeypoint = io.Custom("POSE_KEYPOINT")
 DETECTOR_FOLDER = "openpose"  # ComfyUI/models/openpose/{body_pose_model,hand_pose_model,facenet}.pth
-MAX_PAD = 4096
 MAX_FEATHERING = 512
 COMPLETIONS = ("auto", "none")
-
-
-def _error(input_name: str, message: str) -> ValueError:
-    return ValueError(f"{NODE}: input '{input_name}': {message}")
-
-
-def _padding_problem(value) -> str | None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_PAD:
-        return f"{value!r} must be a whole number of pixels from 0 to {MAX_PAD}."
-    if value % 8:
-        return (f"{value} is not a multiple of 8 (the latent grid); "
-                f"use {value - value % 8} or {value - value % 8 + 8}.")
-    return None
-
-
-def outpaint_mask(height: int, width: int, left: int, top: int, right: int, bottom: int,
-                  feathering: int) -> torch.Tensor:
-    """1 on the new area; inside the original image a band of ``feathering`` pixels along each padded
-    side falls from 1 at the seam to 0, so the sampler blends the seam."""
-    h, w = height + top + bottom, width + left + right
-    mask = torch.ones(h, w)
-    inner = torch.zeros(height, width)
-    if feathering > 0:
-        ys = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width)
-        xs = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width)
-        big = torch.full((height, width), float("inf"))
-        distance = torch.minimum(torch.minimum(xs if left else big, (width - 1 - xs) if right else big),
-                                 torch.minimum(ys if top else big, (height - 1 - ys) if bottom else big))
-        inner = ((feathering - distance) / feathering).clamp(min=0) ** 2
-    mask[top:top + height, left:left + width] = inner
-    return mask
 
 
 class PoseEditOutpaint(io.ComfyNode):
@@ -113,7 +81,7 @@ class PoseEditOutpaint(io.ComfyNode):
         # missing value is checked in execute. ComfyUI 0.3.x does not check a V3 combo itself.
         for name, value in (("pad_left", pad_left), ("pad_top", pad_top), ("pad_right", pad_right),
                             ("pad_bottom", pad_bottom)):
-            problem = _padding_problem(value) if value is not None else None
+            problem = outpaint.padding_problem(value) if value is not None else None
             if problem:
                 return f"{NODE}: input '{name}': {problem}"
         return checks.combo_problem(NODE, "completion", completion, COMPLETIONS) or True
@@ -121,10 +89,8 @@ class PoseEditOutpaint(io.ComfyNode):
     @classmethod
     def execute(cls, image, pad_left, pad_top, pad_right, pad_bottom, feathering, completion, edits="",
                 pose=None) -> io.NodeOutput:
-        checks.inputs(cls, locals())
-        result = pose_edit_outpaint(image, pose, pad_left, pad_top, pad_right, pad_bottom, feathering,
-                                    completion, edits)
-        padded, mask, pose_image, base, edited = result
+        padded, mask, pose_image, base, edited = pose_edit_outpaint(
+            image, pose, pad_left, pad_top, pad_right, pad_bottom, feathering, completion, edits)
         preview = ui.PreviewImage(padded, cls=cls).as_dict()
         return io.NodeOutput(padded, mask, pose_image, edited,
                              ui={**preview, "pose_base": [json.dumps(base)], "pose_edited": [json.dumps(edited)]})
@@ -146,7 +112,7 @@ def _detect_frames(image: torch.Tensor) -> list[openpose.Frame]:
     try:
         detector = detect.load_detector(folder)
     except Exception as e:
-        raise _error("pose", f"no pose was connected, and the OpenPose detector could not be loaded from "
+        raise checks.error(NODE, "pose", f"no pose was connected, and the OpenPose detector could not be loaded from "
                      f"{folder} ({e}). Put body_pose_model.pth, hand_pose_model.pth and facenet.pth from "
                      "lllyasviel/Annotators there, or connect a pose.") from e
     detector.to(comfy.model_management.get_torch_device())  # one prompt's detector, dropped when it returns
@@ -155,18 +121,20 @@ def _detect_frames(image: torch.Tensor) -> list[openpose.Frame]:
 
 
 def pose_edit_outpaint(image, pose, pad_left, pad_top, pad_right, pad_bottom, feathering, completion, edits_text):
-    """(padded image, mask, pose image, base POSE_KEYPOINT, edited POSE_KEYPOINT)."""
+    """(padded image, mask, pose image, base POSE_KEYPOINT, edited POSE_KEYPOINT): the node's inputs
+    checked once (their types and ranges against the schema, the latent grid, the canvas size), the
+    pose read or detected, then the outpainting of pose/outpaint.py."""
+    checks.inputs(PoseEditOutpaint, dict(image=image, pose=pose, pad_left=pad_left, pad_top=pad_top,
+                                         pad_right=pad_right, pad_bottom=pad_bottom, feathering=feathering,
+                                         completion=completion, edits=edits_text))
     for name, value in (("pad_left", pad_left), ("pad_top", pad_top), ("pad_right", pad_right),
                         ("pad_bottom", pad_bottom)):
-        problem = _padding_problem(value)
+        problem = outpaint.padding_problem(value)
         if problem:
-            raise _error(name, problem)
-    if not isinstance(feathering, int) or isinstance(feathering, bool) or not 0 <= feathering <= MAX_FEATHERING:
-        raise _error("feathering", f"{feathering!r} must be a whole number of pixels from 0 to {MAX_FEATHERING}.")
-    if completion not in COMPLETIONS:
-        raise _error("completion", f"{completion!r} is not one of {list(COMPLETIONS)}.")
-    if image.ndim != 4 or image.shape[-1] < 3:
-        raise _error("image", f"expected an IMAGE of shape (batch, height, width, 3), got {tuple(image.shape)}")
+            raise checks.error(NODE, name, problem)
+    if image.shape[-1] < 3:
+        raise checks.error(NODE, "image", f"expected an IMAGE of shape (batch, height, width, 3), got "
+                           f"{tuple(image.shape)}")
     batch, height, width = image.shape[:3]
     canvas = (width + pad_left + pad_right, height + pad_top + pad_bottom)
     checks.elements(NODE, "image", batch * canvas[0] * canvas[1] * 3,
@@ -174,36 +142,25 @@ def pose_edit_outpaint(image, pose, pad_left, pad_top, pad_right, pad_bottom, fe
     try:
         ops = edits.parse(edits_text)
     except openpose.PoseError as e:
-        raise _error("edits", f"{e}. Fix the JSON or clear the field.") from None
+        raise checks.error(NODE, "edits", f"{e}. Fix the JSON or clear the field.") from None
     if pose is None:
         frames = _detect_frames(image[..., :3])
     else:
         try:
             frames = openpose.from_pose_keypoint(pose)
         except openpose.PoseError as e:
-            raise _error("pose", f"{e}.") from None
+            raise checks.error(NODE, "pose", f"{e}.") from None
     if len(frames) not in (1, batch):
-        raise _error("pose", f"holds {len(frames)} frames for {batch} images; give one, or one per image.")
+        raise checks.error(NODE, "pose", f"holds {len(frames)} frames for {batch} images; give one, or one per "
+                           "image.")
 
-    new_w, new_h = width + pad_left + pad_right, height + pad_top + pad_bottom
-    visible = (pad_left, pad_top, pad_left + width, pad_top + height)
-    base_frames, edited_frames = [], []
-    for frame in frames:
-        # a pose given for another canvas (e.g. a detector's resolution) is scaled to the image first
-        moved = openpose.place(frame, new_w, new_h, scale=(width / frame.width, height / frame.height),
-                               offset=(pad_left, pad_top))
-        if completion == "auto":
-            moved = complete.complete(moved, visible)
-        base_frames.append(moved)
-        try:
-            edited_frames.append(edits.apply(moved, ops))
-        except openpose.PoseError as e:
-            raise _error("edits", f"{e}.") from None
-
-    padded = torch.full((batch, new_h, new_w, 3), 0.5, dtype=image.dtype)
-    padded[:, pad_top:pad_top + height, pad_left:pad_left + width] = image[..., :3]
-    mask = outpaint_mask(height, width, pad_left, pad_top, pad_right, pad_bottom, feathering)
-    mask = mask.expand(batch, new_h, new_w).clone()
-    pose_image = torch.from_numpy(np.stack([render.render(f) for f in edited_frames])).float() / 255.0
-    return (padded, mask, pose_image, openpose.to_pose_keypoint(base_frames),
+    pads = (pad_left, pad_top, pad_right, pad_bottom)
+    try:
+        base_frames, edited_frames = outpaint.outpaint_frames(frames, height, width, *pads, completion == "auto",
+                                                              ops)
+    except openpose.PoseError as e:
+        raise checks.error(NODE, "edits", f"{e}.") from None
+    padded = outpaint.pad_image(image, *pads)
+    mask = outpaint.outpaint_mask(height, width, *pads, feathering).expand(batch, *padded.shape[1:3]).clone()
+    return (padded, mask, outpaint.pose_images(edited_frames), openpose.to_pose_keypoint(base_frames),
             openpose.to_pose_keypoint(edited_frames))
