@@ -1,4 +1,4 @@
-"""ComfyUI nodes of the pack: thin V3 adapters over the math in attention/ and samplers/."""
+"""ComfyUI nodes of the pack: thin V3 adapters over the math in attention/, samplers/ and pose/."""
 
 from typing_extensions import override
 

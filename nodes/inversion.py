@@ -24,7 +24,6 @@ draws MasaCtrl from the real image as the paper does:
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
@@ -36,7 +35,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..samplers import inversion, run_context
-from . import checks
+from . import checks, host_compat
 from . import run_context as run_context_nodes
 
 WRAPPER_KEY = "consistent_synthesis.inverted_source"
@@ -76,7 +75,7 @@ def invert_latent(model, positive, negative, latent: dict, steps: int, scheduler
         found["path"] = path
         return noise
 
-    x = comfy.sample.fix_empty_latent_channels(model, samples)
+    x = host_compat.fix_empty_latent_channels(model, latent)
     # sigma 0 first: the host starts the sampler at noise_scaling(0, 0, latent) = the latent itself
     comfy.sample.sample_custom(model, torch.zeros_like(x), cfg, comfy.samplers.KSAMPLER(invert_sampler), ascending,
                                positive, negative, x, callback=latent_preview.prepare_callback(model, steps),
@@ -163,28 +162,24 @@ def _mismatch(node: str, run: torch.Tensor, settings: dict) -> str:
 
 def check_sigmas(run: torch.Tensor, ascending: torch.Tensor, settings: dict, node: str) -> None:
     """Raise unless the run's sigmas (descending) are the inversion's reversed."""
-    run = run.detach().float().cpu()
-    expected = ascending.float().flip(0)
-    if run.shape != expected.shape or not torch.allclose(run, expected, rtol=1e-4, atol=1e-6):
-        raise ValueError(_mismatch(node, run, settings))
+    if not inversion.same_levels(run, ascending):
+        raise ValueError(_mismatch(node, run.detach().float().cpu(), settings))
 
 
 def source_row(latent_image: torch.Tensor, noise: torch.Tensor, clean: torch.Tensor, node: str) -> str:
     """What row 0 of the sampled latent is: this inversion's noise (``"inverted"``), its clean image
     (``"reference"``: MasaCtrl Latent Batch with 'inverted' off), or else a ValueError: a latent of
     another size or another image would be edited without the real photo's keys and values."""
-    size, inverted_size = tuple(latent_image.shape[2:]), tuple(noise.shape[2:])
-    if latent_image.shape[1:] != noise.shape[1:]:
+    row = inversion.source_row(latent_image, noise, clean)
+    if row == "other size":
+        size, inverted_size = tuple(latent_image.shape[2:]), tuple(noise.shape[2:])
         raise ValueError(
             f"{node}: input 'inverted' is the inversion of a {'x'.join(map(str, inverted_size))} latent "
             f"({noise.shape[1]} channels), but the KSampler samples {'x'.join(map(str, size))} latents "
             f"({latent_image.shape[1]} channels). Connect the same Invert Latent output to MasaCtrl Latent Batch "
             "'source' and to this node's 'inverted' (the batch is built from the inverted image's size).")
-    row = latent_image[:1].cpu()
-    if torch.equal(row, noise.to(row.dtype)):
-        return "inverted"
-    if torch.equal(row, clean.to(row.dtype)):
-        return "reference"
+    if row != "other image":
+        return row
     raise ValueError(
         f"{node}: row 0 of the sampled latent is neither the noise of input 'inverted' nor its image: the "
         "batch was made from another image (or another Invert Latent run), so the source would not be the real "

@@ -32,18 +32,12 @@ JUMP_TOOLTIPS = {
 
 
 def check_mask_aspect(node: str, mask_shape, latent_shape) -> None:
-    """Refuse a noise_mask whose aspect ratio is not the latent's: the host would stretch it over the latent.
-
-    Any scale is fine (the latent's size, the image's size, ...). Odd image sizes give a latent of
-    floor(image / 8), so the mask, drawn to the latent's height, may miss its width by up to 7/8 of a
-    latent pixel (and the other way round): one latent pixel of slack on each axis.
-    """
+    """Refuse a noise_mask whose aspect ratio is not the latent's (``repaint.mask_fits_latent``): the
+    host would stretch it over the latent."""
+    if repaint.mask_fits_latent(mask_shape[-2:], latent_shape[-2:]):
+        return
     mask_h, mask_w = (int(n) for n in mask_shape[-2:])
     latent_h, latent_w = (int(n) for n in latent_shape[-2:])
-    if mask_h < 1 or mask_w < 1:
-        return  # an empty mask is refused by the input checks
-    if abs(mask_w * latent_h / mask_h - latent_w) <= 1.0 and abs(mask_h * latent_w / mask_w - latent_h) <= 1.0:
-        return
     raise checks.error(node, "latent_image", (
         f"its noise_mask has shape {tuple(mask_shape)} ({mask_w}x{mask_h}), the latent {tuple(latent_shape)} "
         f"({latent_w}x{latent_h}): the aspect ratios differ, so the mask would be stretched over the image. "
@@ -110,8 +104,8 @@ class RePaint(comfy.samplers.Sampler):
     def __init__(self, inner, jump_length: int = 10, jump_n_sample: int = 10, resample_start: float = 0.0,
                  resample_end: float = 1.0, renoise: str = "fresh", node: str = "RePaintSampler"):
         if not hasattr(inner, "sampler_function"):
-            raise ValueError(f"{node}: input 'sampler': {type(inner).__name__} is not a k-diffusion sampler "
-                             "(KSamplerSelect and the other SAMPLER nodes of ComfyUI give one).")
+            raise checks.error(node, "sampler", f"{type(inner).__name__} is not a k-diffusion sampler "
+                               "(KSamplerSelect and the other SAMPLER nodes of ComfyUI give one).")
         if not 0.0 <= resample_start < resample_end <= 1.0:
             raise ValueError(f"{node}: inputs 'resample_start'/'resample_end': need 0 <= start < end <= 1, got "
                              f"{resample_start} and {resample_end}.")
@@ -128,7 +122,7 @@ class RePaint(comfy.samplers.Sampler):
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         if denoise_mask is None:
-            raise ValueError(f"{self.node}: input 'latent_image': {NO_MASK}")
+            raise checks.error(self.node, "latent_image", NO_MASK)
         given = _mask_given_to_guider(self)
         if given is not None:
             check_mask_aspect(self.node, given.shape, latent_image.shape)
@@ -136,9 +130,9 @@ class RePaint(comfy.samplers.Sampler):
         try:
             flow, noise_scale = repaint.forward_process(model_sampling.noise_scaling)
         except ValueError as e:
-            raise ValueError(f"{self.node}: input 'model': RePaint re-noises the known region the way the model's "
-                             f"sampling type ({type(model_sampling).__name__}) noises a latent, but {e}. Use a "
-                             "text-to-image model (SD1.x, SD2.x, SDXL, SD3, Flux, ...).") from None
+            raise checks.error(self.node, "model", f"RePaint re-noises the known region the way the model's "
+                               f"sampling type ({type(model_sampling).__name__}) noises a latent, but {e}. Use a "
+                               "text-to-image model (SD1.x, SD2.x, SDXL, SD3, Flux, ...).") from None
         steps = len(sigmas) - 1
         schedule = self.schedule(steps)
         denoise_steps = repaint.model_steps(schedule)
@@ -245,7 +239,7 @@ def repaint_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive,
                      renoise="fresh", node="RePaintKSampler") -> dict:
     """KSampler with RePaint; the known region of the result is the input latent, bit for bit."""
     if latent_image.get("noise_mask") is None:
-        raise ValueError(f"{node}: input 'latent_image': {NO_MASK}")
+        raise checks.error(node, "latent_image", NO_MASK)
     original = latent_image["samples"]
     check_mask_aspect(node, latent_image["noise_mask"].shape, original.shape)
     latent = host_compat.fix_empty_latent_channels(model, latent_image)

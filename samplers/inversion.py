@@ -118,3 +118,25 @@ def drive_rows(x: torch.Tensor, latent: torch.Tensor, batch: int, index: int = 0
     out = x.clone()
     out.view((chunks, batch) + tuple(x.shape[1:]))[:, index] = latent.to(x.dtype)
     return out
+
+
+def same_levels(run: torch.Tensor, ascending: torch.Tensor) -> bool:
+    """Whether a run's sigmas (descending) are an inversion's ``ascending`` sigmas reversed (within
+    float32 rounding). Reads the device once: call it once per run."""
+    run = run.detach().float().cpu()
+    expected = ascending.float().flip(0)
+    return run.shape == expected.shape and torch.allclose(run, expected, rtol=1e-4, atol=1e-6)
+
+
+def source_row(latent_image: torch.Tensor, noise: torch.Tensor, clean: torch.Tensor) -> str:
+    """What row 0 of a sampled latent batch is, for an inversion whose noise is ``noise`` and clean
+    latent ``clean``: ``"inverted"`` (the noise), ``"reference"`` (the clean image), ``"other size"``
+    (another channel count or size) or ``"other image"``. Compares values: once per run."""
+    if latent_image.shape[1:] != noise.shape[1:]:
+        return "other size"
+    row = latent_image[:1].cpu()
+    if torch.equal(row, noise.to(row.dtype)):
+        return "inverted"
+    if torch.equal(row, clean.to(row.dtype)):
+        return "reference"
+    return "other image"

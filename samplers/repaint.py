@@ -62,6 +62,21 @@ def segments(schedule: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def mask_fits_latent(mask_size: tuple[int, int], latent_size: tuple[int, int]) -> bool:
+    """Whether a noise mask of ``(h, w)`` has the aspect ratio of a latent of ``(h, w)``, at any scale
+    (the latent's size, the image's size, ...), so the host's resize does not stretch it.
+
+    Odd image sizes give a latent of floor(image / 8), so a mask drawn to the latent's height may miss
+    its width by up to 7/8 of a latent pixel (and the other way round): one latent pixel of slack on
+    each axis. An empty mask (a side of 0) is not this function's to refuse: it fits.
+    """
+    mask_h, mask_w = (int(n) for n in mask_size)
+    latent_h, latent_w = (int(n) for n in latent_size)
+    if mask_h < 1 or mask_w < 1:
+        return True
+    return abs(mask_w * latent_h / mask_h - latent_w) <= 1.0 and abs(mask_h * latent_w / mask_w - latent_h) <= 1.0
+
+
 def forward_process(noise_scaling: Callable, probe: tuple[float, float] = (0.25, 0.5)) -> tuple[bool, float]:
     """``(flow, noise_scale)`` of the marginal ``q(x_sigma | x0) = N(alpha x0, (sigma s)^2)`` that
     ``noise_scaling(sigma, noise, x0)`` (ComfyUI's ``model_sampling.noise_scaling``) draws from.
