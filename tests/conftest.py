@@ -121,6 +121,14 @@ def _guard_expensive_calls() -> None:
                                    "asks for a full-size random stand-in model")
 
 
+def pytest_configure(config):
+    # The tests' models are tiny: a second torch thread mostly waits (the fast loop took 741 s of CPU
+    # with torch's two threads on 2 cores, 189 s with one). Server processes keep their own threads.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def pytest_report_header(config):
     if HOST_PATH is None:
         return f"ComfyUI host: NONE ({HOST_HOW})"
