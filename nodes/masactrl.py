@@ -10,7 +10,7 @@ import comfy.ldm.modules.attention as host_attention
 import comfy.patcher_extension
 from comfy_api.latest import io
 
-from ..attention import cross_attention, masactrl
+from ..attention import cross_attention, masactrl, masactrl_masks
 from ..attention.layer_selection import LayerSelection, StepWindow
 from ..samplers import run_context, step_clock
 from . import checks, cross_attention_maps, masactrl_dit
@@ -21,10 +21,6 @@ from .unet_layers import LayerKey, attn1_module, self_attention_layers
 NODE = "MasaCtrlAttentionPatch"
 WRAPPER_KEY = "consistent_synthesis.masactrl"
 DEFAULT_START_LAYER = 10  # the paper's SD setting (the decoder); on FLUX.1 the default is FreeFlux's set
-
-
-def _error(input_name: str, message: str) -> ValueError:
-    return ValueError(f"{NODE}: input '{input_name}': {message}")
 
 
 def _host_attention(extra_options: dict, preferred=None):
@@ -46,83 +42,29 @@ def _host_attention(extra_options: dict, preferred=None):
 
 
 def _as_masks(mask: torch.Tensor | None, input_name: str) -> torch.Tensor | None:
+    """A MASK as float ``(batch, height, width)``; its shape checked for callers without the node."""
     if mask is None:
         return None
     if mask.ndim == 2:
         mask = mask[None]
     if mask.ndim != 3 or min(mask.shape[-2:]) < 1:
-        raise _error(input_name, f"expected a MASK of shape (batch, height, width), got {tuple(mask.shape)}")
+        raise checks.error(NODE, input_name, f"expected a MASK of shape (batch, height, width), got "
+                           f"{tuple(mask.shape)}")
     return mask.float()
 
 
-class _RunState:
-    """What one sampling run of one patch computes once and reuses in every layer: the given
-    masks as key biases per layer resolution, and the automatic masks' cross-attention maps."""
-
-    def __init__(self):
-        self.masks: dict = {}
-        # automatic masks: the conditional rows' cross-attention maps of the current evaluation
-        self.maps_sigmas = None  # the evaluation's sigmas tensor (held, so identity is safe)
-        self.maps_sum: torch.Tensor | None = None  # (latents, tokens, prompt tokens), summed over layers
-        self.maps_count = 0
-        self.auto_masks: dict = {}
-        self.selection: torch.Tensor | None = None  # (latents, prompt tokens): each row's chosen tokens
-
-    def add_maps(self, rows: torch.Tensor, sigmas) -> None:
-        if self.maps_sigmas is not sigmas:  # a new model evaluation: maps never carry over
-            self.maps_sigmas, self.maps_sum, self.maps_count, self.auto_masks = sigmas, None, 0, {}
-        rows = rows.float()
-        self.maps_sum = rows.clone() if self.maps_sum is None else self.maps_sum + rows
-        self.maps_count += 1
-        self.auto_masks = {}
-
-    def maps(self, sigmas) -> torch.Tensor | None:
-        """The mean map over the layers recorded so far in this evaluation, or None."""
-        if self.maps_sigmas is not sigmas or self.maps_count == 0:
-            return None
-        return self.maps_sum / self.maps_count
-
-
-def _run_state(extra_options: dict, settings: masactrl.MasaCtrlSettings) -> _RunState:
+def _run_state(extra_options: dict, settings: masactrl.MasaCtrlSettings) -> masactrl_masks.MaskState:
     context = run_context.current(extra_options)
     if context is None:  # called outside a sampling run of the patched model: nothing to reuse
-        return _RunState()
-    return context.state((WRAPPER_KEY, settings), _RunState)
+        return masactrl_masks.MaskState()
+    return context.state((WRAPPER_KEY, settings), masactrl_masks.MaskState)
 
 
-def _given_masks(settings: masactrl.MasaCtrlSettings, state: _RunState, h: int, w: int, device, dtype):
-    key = (h, w, device, dtype)
-    if key not in state.masks:
-        source = masactrl.resize_mask(settings.source_mask, h, w)[0].to(device, dtype)
-        target = masactrl.resize_mask(settings.target_mask, h, w).to(device, dtype)
-        state.masks[key] = (source, target, masactrl.region_biases(source, dtype))
-    return state.masks[key]
-
-
-def _auto_masks(settings: masactrl.MasaCtrlSettings, state: _RunState, extra_options: dict, dtype):
-    """The official auto variant's masks at this layer: the conditional source and target rows'
-    token maps (latent/4, averaged over the layers so far), nearest-resized, thresholded."""
-    maps = state.maps(extra_options.get("sigmas"))
-    if maps is None:
-        return None  # no cross-attention map yet in this evaluation: plain mutual attention
-    h, w = extra_options["activations_shape"][-2:]
-    key = (h, w, dtype)
-    if key not in state.auto_masks:
-        s = settings
-        per_chunk, _, prompt = maps.shape
-        for name in ("source_tokens", "target_tokens"):
-            cross_attention.check_token_indices(getattr(s, name), prompt, NODE, name)
-        if state.selection is None or state.selection.shape != (per_chunk, prompt):
-            rows = [s.target_tokens] * per_chunk
-            rows[s.source_index] = s.source_tokens
-            state.selection = cross_attention.selection(rows, prompt, maps.device)
-        map_h, map_w = cross_attention_maps.map_resolution(extra_options)
-        token_maps = cross_attention.token_map([maps], state.selection, map_h, map_w)
-        binary = (masactrl.resize_mask(token_maps, h, w) >= s.mask_threshold).to(dtype)
-        source = binary[s.source_index]
-        target = masactrl._without_row(binary[None], s.source_index)[0]
-        state.auto_masks[key] = (source, target, masactrl.region_biases(source, dtype))
-    return state.auto_masks[key]
+def _auto_masks(settings: masactrl.MasaCtrlSettings, state: masactrl_masks.MaskState, extra_options: dict, dtype):
+    """``masactrl_masks.auto_masks`` at the layer and evaluation these ``extra_options`` describe."""
+    return masactrl_masks.auto_masks(settings, state, extra_options.get("sigmas"),
+                                     tuple(extra_options["activations_shape"][-2:]),
+                                     tuple(extra_options["original_shape"][-2:]), dtype, NODE)
 
 
 def _layer_patch(settings: masactrl.MasaCtrlSettings, previous=None, attention=None, preferred=None):
@@ -139,8 +81,8 @@ def _layer_patch(settings: masactrl.MasaCtrlSettings, previous=None, attention=N
         source_mask = target_mask = biases = None
         if s.source_mask is not None:
             h, w = extra_options["activations_shape"][-2:]
-            source_mask, target_mask, biases = _given_masks(s, _run_state(extra_options, s), h, w, q.device,
-                                                            q.dtype)
+            source_mask, target_mask, biases = masactrl_masks.given_masks(s, _run_state(extra_options, s), h, w,
+                                                                          q.device, q.dtype)
         elif s.auto_mask:
             masks = _auto_masks(s, _run_state(extra_options, s), extra_options, q.dtype)
             if masks is not None:
@@ -160,13 +102,9 @@ def _layer_patch(settings: masactrl.MasaCtrlSettings, previous=None, attention=N
 def _map_recorder(settings: masactrl.MasaCtrlSettings):
     """``on_maps`` for the attn2 recorders: keeps the conditional rows' maps of each evaluation."""
     def on_maps(maps: torch.Tensor, extra_options: dict) -> None:
-        cond_or_uncond = extra_options["cond_or_uncond"]
-        if 0 not in cond_or_uncond:
-            return  # an unconditional-only call uses the conditional maps of its evaluation
-        per_chunk = maps.shape[0] // len(cond_or_uncond)
-        c = cond_or_uncond.index(0)
-        _run_state(extra_options, settings).add_maps(maps[c * per_chunk:(c + 1) * per_chunk],
-                                                      extra_options.get("sigmas"))
+        rows = cross_attention.conditional_rows(maps, extra_options["cond_or_uncond"])
+        if rows is not None:  # an unconditional-only call uses the conditional maps of its evaluation
+            _run_state(extra_options, settings).add_maps(rows, extra_options.get("sigmas"))
     return on_maps
 
 
@@ -183,62 +121,35 @@ def _token_list(tokens, input_name: str) -> list[int]:
     return [int(t) for t in tokens]
 
 
-def _check_latent(settings: masactrl.MasaCtrlSettings, latent: torch.Tensor) -> None:
-    """Reject a batch that MasaCtrl cannot use before any step is computed."""
+def _check_run(settings: masactrl.MasaCtrlSettings, latent: torch.Tensor, conds: dict) -> None:
+    """Reject a run MasaCtrl cannot use before any step is computed: the batch, the masks' aspect
+    and count, and for automatic masks the latent's size and each token list against its own prompt."""
     batch = latent.shape[0]
     checks.masactrl_batch(NODE, batch, settings.source_index)
     lh, lw = latent.shape[-2:]
     for name in ("source_mask", "target_mask"):
         mask = getattr(settings, name)
-        if mask is None:
-            continue
-        mh, mw = mask.shape[-2:]
-        if abs(mh / mw - lh / lw) > 0.02 * lh / lw:
-            raise _error(name, f"its {mw}x{mh} aspect does not match the {lw * 8}x{lh * 8} image being "
-                         "sampled; resize or crop the mask to the image.")
+        if mask is not None and not masactrl_masks.aspect_matches(tuple(mask.shape[-2:]), (lh, lw)):
+            mh, mw = mask.shape[-2:]
+            raise checks.error(NODE, name, f"its {mw}x{mh} aspect does not match the {lw * 8}x{lh * 8} image being "
+                               "sampled; resize or crop the mask to the image.")
     targets = batch - 1
     if settings.target_mask is not None and settings.target_mask.shape[0] not in (1, targets):
-        raise _error("target_mask", f"holds {settings.target_mask.shape[0]} masks for {targets} targets; "
-                     f"give one mask for all targets or one for each.")
-
-
-def _check_tokens_against_prompts(settings: masactrl.MasaCtrlSettings, batch: int, positive) -> None:
-    """Automatic masks: each token list must point into its own row's prompt. A batch repeats a
-    shorter prompt up to the longest's length, so an index past the shorter prompt would silently
-    read a repeated token; the maps alone cannot tell, the conditioning can (once per run)."""
-    source = settings.source_index
-    for entry in positive or []:
-        context = entry.get("cross_attn") if isinstance(entry, dict) else None
-        if not isinstance(context, torch.Tensor) or context.ndim != 3:
-            continue
-        if context.shape[0] == batch:  # one prompt per image
-            prompt_of = list(range(batch))
-        elif context.shape[0] == 1:  # one prompt for every image
-            prompt_of = [0] * batch
-        elif context.shape[0] == 2 and source == 0:  # MasaCtrl Conditioning Batch: one target prompt for all
-            prompt_of = [0] + [1] * (batch - 1)
-        else:
-            continue  # rows the host maps to the batch in its own way
-        checked = set()
-        for row, prompt in enumerate(prompt_of):
-            name = "source_tokens" if row == source else "target_tokens"
-            if (name, prompt) in checked:
-                continue
-            checked.add((name, prompt))
-            own = cross_attention.own_token_count(context[prompt])
-            which = "the source prompt" if row == source else f"the target prompt of batch row {row}"
-            if own < context.shape[1]:
-                which += f" (repeated to {context.shape[1]} tokens in the batch)"
-            cross_attention.check_token_indices(getattr(settings, name), own, NODE, name, which)
+        raise checks.error(NODE, "target_mask", f"holds {settings.target_mask.shape[0]} masks for {targets} "
+                           "targets; give one mask for all targets or one for each.")
+    if settings.auto_mask:
+        if cross_attention.maps_too_small(lh, lw):
+            raise checks.error(NODE, "auto_mask", cross_attention_maps.too_small_message(
+                latent.shape, "where the tokens are") + " Or turn auto_mask off.")
+        contexts = [entry.get("cross_attn") for entry in conds.get("positive") or [] if isinstance(entry, dict)]
+        masactrl_masks.check_tokens_against_prompts(
+            settings, batch, [c for c in contexts if isinstance(c, torch.Tensor) and c.ndim == 3], NODE)
 
 
 def _outer_sample_wrapper(settings: masactrl.MasaCtrlSettings, layer_count: int):
     def wrapper(executor, *args, **kwargs):
         latent, sigmas = args[1], args[3]
-        _check_latent(settings, latent)
-        if settings.auto_mask:
-            conds = getattr(getattr(executor, "class_obj", None), "conds", None) or {}
-            _check_tokens_against_prompts(settings, latent.shape[0], conds.get("positive"))
+        _check_run(settings, latent, getattr(getattr(executor, "class_obj", None), "conds", None) or {})
         steps = len(sigmas) - 1
         window, layers = settings.window, settings.layers
         end_step = window.end(steps)
@@ -279,7 +190,8 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = DEFAULT_START_
     ``MutualSelfAttentionControlMaskAuto``), thresholded at ``mask_threshold``. ``attention(q, k, v,
     heads, mask=None)`` replaces ComfyUI's optimized attention inside MasaCtrl layers (benchmarks
     compare it with the official code's materialized attention matrix). The settings are built and
-    validated here, once, into a frozen ``MasaCtrlSettings``.
+    validated here, once, into a frozen ``MasaCtrlSettings``: how the inputs combine, and (for callers
+    without the node, such as the benchmarks) the mode, masks and threshold the node's schema checks.
     """
     # read even with auto_mask off: a malformed list is refused, not kept for a later run to trip on
     source_tokens = tuple(_token_list(source_tokens, "source_tokens"))
@@ -288,45 +200,45 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = DEFAULT_START_
     selection = _selection(model, start_layer, end_layer, layers, preset)
     if masactrl_dit.is_dit(model):
         if source_mask is not None or target_mask is not None or auto_mask:
-            raise _error("source_mask" if source_mask is not None else "auto_mask",
-                         "mask-guided MasaCtrl is built for UNets (SD1.x, SD2.x, SDXL); on Flux and SD3 "
-                         "disconnect the masks and turn auto_mask off.")
+            raise checks.error(NODE, "source_mask" if source_mask is not None else "auto_mask",
+                               "mask-guided MasaCtrl is built for UNets (SD1.x, SD2.x, SDXL); on Flux and SD3 "
+                               "disconnect the masks and turn auto_mask off.")
         if attention is not None:
             raise ValueError("patch_model: an attention override is for UNet layers only")
         return masactrl_dit.patch_dit(model, window, selection, mode, source_index)
     all_layers: list[LayerKey] = self_attention_layers(model.get_model_object("diffusion_model"))
     count = len(all_layers)
     if count == 0:
-        raise _error("model", "this model has neither UNet transformer blocks nor MM-DiT blocks; MasaCtrl "
-                     "supports SD1.x, SD2.x and SDXL UNets, Flux and SD3.")
+        raise checks.error(NODE, "model", "this model has neither UNet transformer blocks nor MM-DiT blocks; "
+                           "MasaCtrl supports SD1.x, SD2.x and SDXL UNets, Flux and SD3.")
     selected = selection.indices(count, NODE, "self-attention layer")
     if mode not in masactrl.MODES:
-        raise _error("mode", f"{mode!r} is not one of {masactrl.MODES}.")
-    source_mask = _as_masks(source_mask, "source_mask")
-    target_mask = _as_masks(target_mask, "target_mask")
+        raise checks.error(NODE, "mode", f"{mode!r} is not one of {masactrl.MODES}.")
+    source_mask, target_mask = _as_masks(source_mask, "source_mask"), _as_masks(target_mask, "target_mask")
     if (source_mask is None) != (target_mask is None):
-        missing = "target_mask" if target_mask is None else "source_mask"
-        raise _error(missing, "mask-guided MasaCtrl needs both source_mask and target_mask; connect both or neither.")
+        raise checks.error(NODE, "target_mask" if target_mask is None else "source_mask", "mask-guided MasaCtrl "
+                           "needs both source_mask and target_mask; connect both or neither.")
     if source_mask is not None:
         if mode != "mutual":
-            raise _error("mode", "mask-guided MasaCtrl is defined for mode 'mutual' (paper Sec. 4.2); "
-                         "set mode to mutual or disconnect the masks.")
+            raise checks.error(NODE, "mode", "mask-guided MasaCtrl is defined for mode 'mutual' (paper Sec. 4.2); "
+                               "set mode to mutual or disconnect the masks.")
         if source_mask.shape[0] != 1:
-            raise _error("source_mask", f"holds {source_mask.shape[0]} masks; give the one mask of the source.")
-
+            raise checks.error(NODE, "source_mask", f"holds {source_mask.shape[0]} masks; give the one mask of the "
+                               "source.")
     if auto_mask:
         if source_mask is not None or target_mask is not None:
-            raise _error("auto_mask", "automatic masks and the given source_mask/target_mask exclude each other; "
-                         "turn auto_mask off or disconnect source_mask and target_mask.")
+            raise checks.error(NODE, "auto_mask", "automatic masks and the given source_mask/target_mask exclude "
+                               "each other; turn auto_mask off or disconnect source_mask and target_mask.")
         if mode != "mutual":
-            raise _error("mode", "automatic masks are defined for mode 'mutual' (paper Sec. 4.2); set mode to "
-                         "mutual or turn auto_mask off.")
+            raise checks.error(NODE, "mode", "automatic masks are defined for mode 'mutual' (paper Sec. 4.2); set "
+                               "mode to mutual or turn auto_mask off.")
         if not 0.0 <= mask_threshold <= 1.0:
-            raise _error("mask_threshold", f"{mask_threshold} is outside 0 to 1 (the maps are normalised to 0-1).")
+            raise checks.error(NODE, "mask_threshold", f"{mask_threshold} is outside 0 to 1 (the maps are "
+                               "normalised to 0-1).")
         for name, tokens in (("source_tokens", source_tokens), ("target_tokens", target_tokens)):
             if not tokens:
-                raise _error(name, "no token index given; write comma-separated token indices such as '1' or "
-                             "'1, 2' (index 0 is the prompt's start token), or turn auto_mask off.")
+                raise checks.error(NODE, name, "no token index given; write comma-separated token indices such as "
+                                   "'1' or '1, 2' (index 0 is the prompt's start token), or turn auto_mask off.")
 
     settings = masactrl.MasaCtrlSettings(
         window=window, selection=selection, layers=selected, mode=mode, source_index=source_index,

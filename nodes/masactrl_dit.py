@@ -43,14 +43,11 @@ LAYER_KEY = "consistent_synthesis.masactrl_dit.layer"  # the patched block runni
 OVERRIDE = "optimized_attention_override"
 HOST_VERSION = "0.3.64"  # the first release these hooks were checked on (docs/compatibility.md)
 
+
 def is_flux1(model_patcher) -> bool:
     """Whether the model is a FLUX.1-sized Flux (19 + 38 blocks), where the published block sets apply."""
     diffusion_model = _diffusion_model(model_patcher)
     return _kind(diffusion_model) == "flux" and len(block_keys(diffusion_model)) == layer_selection.PRESET_BLOCKS
-
-
-def _error(input_name: str, message: str) -> ValueError:
-    return ValueError(f"{NODE}: input '{input_name}': {message}")
 
 
 def _diffusion_model(model_patcher):
@@ -123,13 +120,10 @@ class _Override:
         image_start = q.shape[2] - self.image_tokens
         if image_start < 0:  # not an attention over this block's tokens: leave it alone
             return call(q, k, v, heads, *rest, **kwargs)
-        s = self.settings
-        batch = q.shape[0]
-        if batch % self.chunks or batch // self.chunks < 2 or s.source_index >= batch // self.chunks:
-            raise _error("source_index", f"{s['source_index']} does not fit a batch of {batch // self.chunks} "
-                         "latents; put the source and at least one target in one batch (MasaCtrl Latent Batch).")
+        s = self.settings  # the batch was checked once for the run (checks.masactrl_batch)
         if kwargs.get("mask") is not None and s.mode == "union":
-            raise _error("mode", "union cannot be combined with an attention mask on this model; use mutual.")
+            raise checks.error(NODE, "mode", "union cannot be combined with an attention mask on this model; use "
+                               "mutual.")
 
         def attention(q_, k_, v_):
             return call(q_, k_, v_, heads, *rest, **kwargs)
@@ -196,8 +190,8 @@ def patch_dit_model(model_patcher, *, start_step: int = 0, start_layer: int = 0,
     ``preset`` names a published block set (``layer_selection.PRESETS``).
     """
     if layers is not None and not layers:
-        raise _error("layers", "the list is empty; give block numbers such as 0,1,17,18 or leave it blank "
-                     "to use start_layer and end_layer.")
+        raise checks.error(NODE, "layers", "the list is empty; give block numbers such as 0,1,17,18 or leave it "
+                           "blank to use start_layer and end_layer.")
     return patch_dit(model_patcher, StepWindow.checked(NODE, start_step, end_step),
                      LayerSelection(start_layer, end_layer, tuple(layers or ()), preset), mode, source_index)
 
@@ -207,13 +201,13 @@ def patch_dit(model_patcher, window: StepWindow, selection: LayerSelection, mode
     diffusion_model = _diffusion_model(model_patcher)
     kind = _kind(diffusion_model)
     if kind is None:
-        raise _error("model", "this is not a Flux or SD3 model; the MM-DiT form of MasaCtrl supports Flux "
-                     "(double and single blocks) and SD3 / SD3.5 (joint blocks).")
+        raise checks.error(NODE, "model", "this is not a Flux or SD3 model; the MM-DiT form of MasaCtrl supports "
+                           "Flux (double and single blocks) and SD3 / SD3.5 (joint blocks).")
     if not host_has_hooks():
-        raise _error("model", f"this ComfyUI is too old for MasaCtrl on Flux and SD3: it needs the DiT "
-                     f"attention override (ComfyUI {HOST_VERSION} or newer). Update ComfyUI.")
-    if mode not in joint_attention.MODES:
-        raise _error("mode", f"{mode!r} is not one of {joint_attention.MODES}.")
+        raise checks.error(NODE, "model", f"this ComfyUI is too old for MasaCtrl on Flux and SD3: it needs the DiT "
+                           f"attention override (ComfyUI {HOST_VERSION} or newer). Update ComfyUI.")
+    if mode not in joint_attention.MODES:  # the node's schema checks it too; patch_dit_model's callers need it
+        raise checks.error(NODE, "mode", f"{mode!r} is not one of {joint_attention.MODES}.")
     keys = block_keys(diffusion_model)
     chosen = selection.indices(len(keys), NODE, "block")
     settings = MasaCtrlSettings(window=window, selection=selection, layers=chosen, mode=mode,

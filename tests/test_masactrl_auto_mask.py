@@ -12,6 +12,7 @@ import comfy.model_management  # noqa: E402
 import official_masactrl  # noqa: E402
 import tiny_models as tm  # noqa: E402
 from sampling import ksampler  # noqa: E402
+from consistent_synthesis.attention import masactrl_masks  # noqa: E402
 from consistent_synthesis.nodes import masactrl as node  # noqa: E402
 from consistent_synthesis.samplers import run_context  # noqa: E402
 from consistent_synthesis.attention.layer_selection import LayerSelection, StepWindow  # noqa: E402
@@ -137,13 +138,13 @@ def test_an_uncond_call_after_its_cond_call_uses_the_cond_maps(sd15):
 
 def test_only_the_conditional_rows_maps_are_kept(sd15, monkeypatch):
     seen = []
-    original = node._RunState.add_maps
+    original = masactrl_masks.MaskState.add_maps
 
     def add_maps(self, rows, sigmas):
         seen.append(rows.shape[0])
         return original(self, rows, sigmas)
 
-    monkeypatch.setattr(node._RunState, "add_maps", add_maps)
+    monkeypatch.setattr(masactrl_masks.MaskState, "add_maps", add_maps)
     _sample(node.patch_model(sd15, start_step=0, start_layer=0, auto_mask=True), side=16, batch=3, steps=2)
     # cond and uncond batched: 6 rows a call, of which the 3 conditional ones are kept, in the 1 layer
     # at latent/4 (4 x 4 here) of each of the 2 evaluations
@@ -158,6 +159,35 @@ def test_auto_mask_adds_no_host_sync(sd15, measured):
         _sample(node.patch_model(sd15, start_step=0, start_layer=0, auto_mask=True), side=16, batch=3, steps=3)
     measured(f"plain mutual {baseline.total} host syncs, auto mask {auto.total}")
     assert auto.total <= baseline.total, auto.report()
+
+
+@pytest.mark.parametrize("side", [2, 3, 4])
+def test_a_latent_too_small_for_any_map_is_refused_naming_the_smallest_size_that_works(sd15, side):
+    # 16, 24 and 32 px: latent/4 maps of 1x1, where min-max leaves nothing (an empty mask, silently)
+    model = node.patch_model(sd15, start_step=0, start_layer=0, auto_mask=True)
+    with pytest.raises(ValueError, match=rf"^MasaCtrlAttentionPatch: input 'auto_mask': a {side * 8}x{side * 8} px "
+                                         r"image .*too small.*at least 40 px on one side.*turn auto_mask off"):
+        _sample(model, side=side, steps=1)
+    _sample(node.patch_model(sd15, start_step=0, start_layer=0), side=side, steps=1)  # without auto_mask: runs
+
+
+def test_the_smallest_latent_named_in_the_refusal_gives_masks_that_are_neither_empty_nor_full(sd15, monkeypatch):
+    regions = []
+    original = node._auto_masks
+
+    def spy(settings, state, extra_options, dtype):
+        masks = original(settings, state, extra_options, dtype)
+        if masks is not None:
+            h, w = extra_options["activations_shape"][-2:]
+            regions.append((h * w, masks[0].mean().item(), masks[1].mean().item()))
+        return masks
+
+    monkeypatch.setattr(node, "_auto_masks", spy)
+    out = _sample(node.patch_model(sd15, start_step=0, start_layer=0, auto_mask=True), side=5, steps=1)  # 40 px
+    assert torch.isfinite(out).all()
+    assert regions and all(s > 0 and t > 0 for _, s, t in regions)  # never empty
+    # neither empty nor full wherever a layer has more than one position (the middle block's 1x1 is all in)
+    assert [n for n, _, _ in regions if n > 1] and all(0 < s < 1 and 0 < t < 1 for n, s, t in regions if n > 1)
 
 
 def test_auto_mask_with_given_masks_names_both_inputs(sd15):
@@ -237,5 +267,5 @@ def test_one_short_target_prompt_for_several_targets_is_checked_too(sd15):
         return MasaCtrlSettings(window=StepWindow(), selection=LayerSelection(), layers=(), source_index=0,
                                 source_tokens=(100,), target_tokens=target_tokens)
     with pytest.raises(ValueError, match=r"^MasaCtrlAttentionPatch: input 'target_tokens': .*batch row 1 .*77 tokens"):
-        node._check_tokens_against_prompts(settings((100,)), 4, [{"cross_attn": positive[0][0]}])
-    node._check_tokens_against_prompts(settings((76,)), 4, [{"cross_attn": positive[0][0]}])
+        masactrl_masks.check_tokens_against_prompts(settings((100,)), 4, [positive[0][0]], node.NODE)
+    masactrl_masks.check_tokens_against_prompts(settings((76,)), 4, [positive[0][0]], node.NODE)
