@@ -174,11 +174,6 @@ def subject_driven_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                  attention=attention)
 
 
-def sdsa_active(step: int) -> bool:
-    """The official ``t_range = [(1, n_steps)]``: SDSA at every step but the first (step 0 is vanilla)."""
-    return step >= 1
-
-
 def keep_masks(subject_masks: torch.Tensor, mask_dropout: float, generator: torch.Generator) -> torch.Tensor:
     """Subject masks after dropout (ConsiStory Sec. 3.2; ``AttentionStore`` in ``ptp_utils.py``).
 
@@ -199,7 +194,7 @@ def query_strength(step: int, steps: int) -> float | None:
     The official run makes an extra vanilla UNet call at steps ``0 .. steps // 10`` and spreads
     ``steps // 10 + 1`` strengths linearly from 0.9 to a fixed end (0.81836735), whatever the
     step count; at 50 steps that is ``0.9 - 0.8 * i / 49``. Mixing needs SDSA on, so the official
-    code never applies step 0's value (see ``sdsa_active``): a caller may skip that vanilla call.
+    code never applies step 0's value (its SDSA window, ``t_range = [(1, n_steps)]``, starts at step 1): a caller may skip that vanilla call.
     """
     last = steps // 10
     if not 0 <= step <= last:

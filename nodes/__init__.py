@@ -4,7 +4,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import cross_attention_mask, inversion, masactrl, masactrl_batch, pose_edit_outpaint, prompt_tokens, repaint
+from . import consistory, cross_attention_mask, inversion, masactrl, masactrl_batch, pose_edit_outpaint, prompt_tokens, repaint
 
 NODES: list[type[io.ComfyNode]] = [
     masactrl.MasaCtrlAttentionPatch,
@@ -17,6 +17,7 @@ NODES: list[type[io.ComfyNode]] = [
     pose_edit_outpaint.PoseEditOutpaint,
     prompt_tokens.PromptTokenIndices,
     cross_attention_mask.CrossAttentionMask,
+    consistory.ConsiStoryAttentionPatch,
 ]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 
+import comfy.ldm.modules.attention as host_attention
 import comfy.sample
 
 # Keys a newer host puts in a LATENT to say how its pixels map to latent cells; they describe the
@@ -33,3 +34,22 @@ def sampled_latent(latent: dict, samples) -> dict:
     out = {k: v for k, v in latent.items() if k not in DOWNSCALE_KEYS}
     out["samples"] = samples
     return out
+
+
+def optimized_attention(extra_options: dict, preferred=None):
+    """ComfyUI's optimized attention (SDPA, xformers, ...) for one patched layer, as
+    ``attention(q, k, v, heads, mask=None)``.
+
+    Newer hosts give each attention module a per-layer backend choice (``comfy_attention``, passed
+    as ``preferred_attention``); 0.3.x has none. It is forwarded where given, so the user's choice
+    holds in patched layers too; a bias goes to the host's masked variant.
+    """
+    kwargs = dict(attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
+    if preferred is not None:
+        kwargs["preferred_attention"] = preferred
+
+    def attention(q, k, v, heads, mask=None):
+        if mask is None:
+            return host_attention.optimized_attention(q, k, v, heads, **kwargs)
+        return host_attention.optimized_attention_masked(q, k, v, heads, mask, **kwargs)
+    return attention

@@ -6,14 +6,13 @@ import logging
 
 import torch
 
-import comfy.ldm.modules.attention as host_attention
 import comfy.patcher_extension
 from comfy_api.latest import io
 
 from ..attention import cross_attention, masactrl, masactrl_masks
 from ..attention.layer_selection import LayerSelection, StepWindow
 from ..samplers import run_context, step_clock
-from . import checks, cross_attention_maps, masactrl_dit
+from . import checks, cross_attention_maps, host_compat, masactrl_dit
 from .masactrl_batch import attach_prompts_to_batch
 from . import run_context as run_context_nodes
 from .unet_layers import LayerKey, attn1_module, self_attention_layers
@@ -21,24 +20,6 @@ from .unet_layers import LayerKey, attn1_module, self_attention_layers
 NODE = "MasaCtrlAttentionPatch"
 WRAPPER_KEY = "consistent_synthesis.masactrl"
 DEFAULT_START_LAYER = 10  # the paper's SD setting (the decoder); on FLUX.1 the default is FreeFlux's set
-
-
-def _host_attention(extra_options: dict, preferred=None):
-    """ComfyUI's optimized attention (SDPA, xformers, ...) with this layer's settings.
-
-    Newer hosts give each attention module a per-layer backend choice (``comfy_attention``,
-    passed as ``preferred_attention``); it is forwarded so the user's choice holds in patched
-    layers too. The masked variant is the host's own choice for backends without bias support.
-    """
-    kwargs = dict(attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
-    if preferred is not None:
-        kwargs["preferred_attention"] = preferred
-
-    def attention(q, k, v, heads, mask=None):
-        if mask is None:
-            return host_attention.optimized_attention(q, k, v, heads, **kwargs)
-        return host_attention.optimized_attention_masked(q, k, v, heads, mask, **kwargs)
-    return attention
 
 
 def _as_masks(mask: torch.Tensor | None, input_name: str) -> torch.Tensor | None:
@@ -76,7 +57,7 @@ def _layer_patch(settings: masactrl.MasaCtrlSettings, previous=None, attention=N
         if not step_clock.in_window(extra_options, s.window):
             if previous is not None:
                 return previous(q, k, v, extra_options)
-            return _host_attention(extra_options, preferred)(q, k, v, extra_options["n_heads"])
+            return host_compat.optimized_attention(extra_options, preferred)(q, k, v, extra_options["n_heads"])
 
         source_mask = target_mask = biases = None
         if s.source_mask is not None:
@@ -91,7 +72,7 @@ def _layer_patch(settings: masactrl.MasaCtrlSettings, previous=None, attention=N
             return masactrl.mutual_self_attention(
                 q, k, v, extra_options["n_heads"], chunks=len(extra_options["cond_or_uncond"]),
                 source_index=s.source_index, mode=s.mode,
-                attention=attention or _host_attention(extra_options, preferred),
+                attention=attention or host_compat.optimized_attention(extra_options, preferred),
                 source_mask=source_mask, target_mask=target_mask, biases=biases)
         except ValueError as e:
             raise ValueError(f"{NODE}: {e}") from e

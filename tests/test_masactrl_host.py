@@ -14,6 +14,7 @@ import tiny_models as tm  # noqa: E402
 from sampling import ksampler  # noqa: E402
 from consistent_synthesis.attention import masactrl as M  # noqa: E402
 from consistent_synthesis.nodes import masactrl as node  # noqa: E402
+from consistent_synthesis.nodes import host_compat  # noqa: E402
 from consistent_synthesis.nodes.masactrl import MasaCtrlAttentionPatch  # noqa: E402
 
 LATENT = (3, 4, 16, 16)  # source + 2 targets, 128 px
@@ -265,7 +266,7 @@ def test_other_attn1_patches_keep_working(sd15):
 
     def other_replace(q, k, v, extra_options):
         seen["replace"] += 1
-        return node._host_attention(extra_options)(q, k, v, extra_options["n_heads"])
+        return host_compat.optimized_attention(extra_options)(q, k, v, extra_options["n_heads"])
 
     def other_patch(n, context, value, extra_options):
         seen["patch"] += 1
