@@ -204,18 +204,14 @@ def patch_model(model, *, anchors: int = 2, mask_dropout: float = 0.5, seed: int
                                   subject_masks=subject_masks, sharing=token_sharing)
     patched = model.clone()
     options = patched.model_options.get("transformer_options", {}).get("patches_replace", {})
-    existing1, existing2 = options.get("attn1", {}), options.get("attn2", {})
+    existing = options.get("attn1", {})
     for i in selected:
         key = all_layers[i]
-        previous = existing1.get(key, existing1.get(key[:2]))
+        previous = existing.get(key, existing.get(key[:2]))
         preferred = getattr(attn1_module(diffusion_model, key), "comfy_attention", None)
         patched.set_model_attn1_replace(_layer_patch(settings, key, previous, preferred), *key)
     if settings.automatic:
-        on_maps = _map_recorder(settings)
-        for key in all_layers:
-            previous = existing2.get(key, existing2.get(key[:2]))
-            preferred = getattr(cross_attention_maps.attn2_module(diffusion_model, key), "comfy_attention", None)
-            patched.set_model_attn2_replace(cross_attention_maps.recording_attn2(on_maps, previous, preferred), *key)
+        cross_attention_maps.record_maps_in_every_layer(patched, _map_recorder(settings))
     run_context_nodes.attach(patched)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY,
                                  _outer_sample_wrapper(settings, len(all_layers)))

@@ -80,3 +80,14 @@ def recording_attn2(on_maps: OnMaps, previous=None, preferred=None) -> _Recordin
     whatever it returns). ``preferred``: the module's ``comfy_attention`` on hosts that have it.
     """
     return _RecordingAttn2(on_maps, previous, preferred)
+
+
+def record_maps_in_every_layer(model_patcher, on_maps: OnMaps) -> None:
+    """Set a recorder (``recording_attn2``) on every cross-attention layer of ``model_patcher`` (a
+    clone the caller owns), each chained to the replacement already set for that layer, if any."""
+    diffusion_model = model_patcher.get_model_object("diffusion_model")
+    existing = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for key in cross_attention_layers(diffusion_model):
+        previous = existing.get(key, existing.get(key[:2]))
+        preferred = getattr(attn2_module(diffusion_model, key), "comfy_attention", None)
+        model_patcher.set_model_attn2_replace(recording_attn2(on_maps, previous, preferred), *key)

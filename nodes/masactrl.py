@@ -233,12 +233,7 @@ def patch_model(model, *, start_step: int = 4, start_layer: int = DEFAULT_START_
         preferred = getattr(attn1_module(diffusion_model, key), "comfy_attention", None)
         patched.set_model_attn1_replace(_layer_patch(settings, previous, attention, preferred), *key)
     if auto_mask:
-        existing2 = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-        on_maps = _map_recorder(settings)
-        for key in all_layers:
-            previous = existing2.get(key, existing2.get(key[:2]))
-            preferred = getattr(cross_attention_maps.attn2_module(diffusion_model, key), "comfy_attention", None)
-            patched.set_model_attn2_replace(cross_attention_maps.recording_attn2(on_maps, previous, preferred), *key)
+        cross_attention_maps.record_maps_in_every_layer(patched, _map_recorder(settings))
     run_context_nodes.attach(patched)
     attach_prompts_to_batch(patched)  # one target prompt for every target
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
