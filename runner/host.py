@@ -36,7 +36,7 @@ def find_host() -> tuple[Path | None, str]:
         if path and is_host(path):
             return path.resolve(), "comfyui-host path"
     return None, ("no ComfyUI found: set COMFYUI_PATH, put this pack in ComfyUI/custom_nodes/, "
-                  "run 'comfyui-host install GIT_DIR', or give the runner --server URL of a running ComfyUI")
+                  "or give the runner --server URL of a running ComfyUI")
 
 
 def activate(path: Path) -> None:

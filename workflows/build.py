@@ -113,7 +113,8 @@ NODE_SPECS: dict[str, NodeSpec] = {
     "CrossAttentionMask": NodeSpec(
         (("model", "MODEL"), ("clip", "CLIP"), ("text", "STRING"), ("words", "STRING"), ("latent", "LATENT"),
          ("noise_level", "FLOAT"), ("seed", "INT"), ("threshold", "FLOAT"), ("image", "IMAGE")),
-        (("mask", "MASK"), ("heatmap", "IMAGE")), "Cross Attention Mask", optional=("image",)),
+        (("mask", "MASK"), ("heatmap", "IMAGE")), "Cross Attention Mask", optional=("image",),
+        seed_widgets=("seed",)),
     "PromptTokenIndices": NodeSpec(
         (("clip", "CLIP"), ("text", "STRING"), ("words", "STRING")), (("token_indices", "STRING"),),
         "Prompt Token Indices"),
