@@ -7,6 +7,8 @@ same images as its first run on this server; and the server's state stays clean:
 concurrent and interrupted runs, and memory over ten runs.
 
 One server for the module (``comfy_server``, random SD1.5 stand-in), 64x64 images, 1-2 steps.
+Over 400 lines on purpose: one table of hostile values per node input, all posted to that one
+server (a server per file would cost minutes of start-up).
 
 ComfyUI caches every node's output and re-runs a prompt only where an input changed. To make a
 valid prompt really sample again, ``fresh`` sets each sampler's ``denoise`` to 1 - k * 1e-7: a new

@@ -3,6 +3,8 @@
 A graph LoadImage + CSTestPoseKeypoint (a known pose) -> PoseEditOutpaint -> PreviewImage is built in
 the page and queued from the frontend; the editor then shows that run's padded image and pose.
 Screenshots go to test-artifacts/browser/ (printed); CS_DOCS_SCREENSHOTS=1 also writes docs/pose-editor.png.
+Over 400 lines on purpose: every editor interaction runs against one server and one browser page
+set up once for the module.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ folder) and API-format files (what ``/prompt`` and ``python -m runner`` take) co
 ``Graph``, so they cannot drift. The node specs below say which inputs are sockets and which are
 widgets, in the order the frontend lays them out; the end-to-end tests check them against the
 server's ``/object_info``. Add a workflow by adding a function to ``WORKFLOWS``.
+
+Over 400 lines on purpose: every shipped workflow is described here beside the node specs they
+share, so one ``--check`` proves all of them against one description.
 """
 
 from __future__ import annotations
