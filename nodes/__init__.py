@@ -4,7 +4,8 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import consistory, cross_attention_mask, inversion, masactrl, masactrl_batch, pose_edit_outpaint, prompt_tokens, repaint
+from . import (consistory, cross_attention_mask, inversion, masactrl, masactrl_batch, pose_edit_outpaint, prompt_tokens,
+               repaint, story_prompts)
 
 NODES: list[type[io.ComfyNode]] = [
     masactrl.MasaCtrlAttentionPatch,
@@ -18,6 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     prompt_tokens.PromptTokenIndices,
     cross_attention_mask.CrossAttentionMask,
     consistory.ConsiStoryAttentionPatch,
+    story_prompts.StoryPrompts,
 ]
 
 
