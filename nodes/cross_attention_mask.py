@@ -111,7 +111,7 @@ class CrossAttentionMask(io.ComfyNode):
                 io.Float.Input("noise_level", default=0.5, min=0.01, max=1.0, step=0.01,
                                tooltip="How far into the noise schedule the latent is noised before the UNet "
                                        "call (1 = pure noise, small = almost the clean image)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the noise added to the latent."),
                 io.Float.Input("threshold", default=0.3, min=0.0, max=1.0, step=0.01,
                                tooltip="The mask is 1 where the normalised map is above this (0-1)."),
