@@ -207,3 +207,28 @@ def test_bad_runs_are_refused_naming_node_and_input(sd15, kwargs, name, batch):
 def test_bad_settings_are_refused_when_the_node_runs(sd15, kwargs, name):
     with pytest.raises(ValueError, match=f"ConsiStoryAttentionPatch: input '{name}'"):
         node.patch_model(sd15, **kwargs)
+
+
+def test_sdxl_topology_shares_in_the_decoder_and_equals_sdsa_recomputed(measured):
+    sdxl = tm.tiny_model("sdxl")
+    patched = node.patch_model(sdxl, start_step=0, mask_dropout=0.0, subject_masks=_masks(), share_queries=True)
+    layers = self_attention_layers(sdxl.get_model_object("diffusion_model"))
+    replaced = set(patched.model_options["transformer_options"]["patches_replace"]["attn1"])
+    assert replaced == {key for key in layers if key[0] == "output"} and len(layers) == 70
+    calls = []
+    _spy(patched, calls)
+    latent = torch.zeros(BATCH, 4, SIDE, SIDE)
+    out = ksampler(patched, latent, tm.conditioning("sdxl", batch=BATCH, seed=1),
+                   tm.conditioning("sdxl", batch=BATCH, seed=2), 2, 5.0)
+    plain = ksampler(sdxl, latent, tm.conditioning("sdxl", batch=BATCH, seed=1),
+                     tm.conditioning("sdxl", batch=BATCH, seed=2), 2, 5.0)
+    worst = 0.0
+    for c in (c for c in calls if not c["caching"]):
+        h, w = c["shape"]
+        keep = F.interpolate(_masks()[:, None], size=(h, w), mode="nearest").flatten(1) > 0.5
+        q = c["q"] if c["strength"] is None else c["strength"] * c["vanilla"] + (1 - c["strength"]) * c["q"]
+        expected = _reference(q, c["k"], c["v"], c["heads"], keep, anchors=2)
+        worst = max(worst, ((c["out"] - expected).abs().max() / expected.abs().max()).item())
+    measured(f"SDXL topology: worst relative error {worst:.1e} over {len(calls)} layer calls")
+    assert worst < 1e-5
+    assert (out - plain).abs().max() > 1e-4  # the subject is shared: the images change
