@@ -21,6 +21,7 @@ from ..attention import cross_attention, shared_attention
 from ..attention.consistory import SHARING, UNET_PARTS, ConsiStoryRun, ConsiStorySettings
 from ..attention.layer_selection import StepWindow
 from ..samplers import run_context, step_clock
+from ..samplers.repaint import mask_fits_latent
 from . import checks, cross_attention_maps, host_compat
 from . import run_context as run_context_nodes
 from .unet_layers import attn1_module, self_attention_layers
@@ -35,7 +36,7 @@ _error = functools.partial(checks.error, NODE)
 
 def subject_token_groups(text: str) -> tuple[tuple[int, ...], ...]:
     """``"2, 5 | 3 | 4"`` (or one line per image) -> ``((2, 5), (3,), (4,))``; one group serves every image."""
-    groups = [g for g in text.replace("\n", "|").split("|")]
+    groups = text.replace("\n", "|").split("|")
     if len(groups) > 1 and not groups[-1].strip():
         groups = groups[:-1]  # a trailing separator
     return tuple(tuple(checks.integer_list(NODE, "subject_tokens", g, TOKENS_EXAMPLE)) for g in groups)
@@ -131,7 +132,7 @@ def _check_run(settings: ConsiStorySettings, latent: torch.Tensor, positive) -> 
             raise _error("subject_masks", f"holds {masks.shape[0]} masks for a batch of {batch} images; give one "
                          "mask for every image or one per image in batch order.")
         (mh, mw), (lh, lw) = masks.shape[-2:], latent.shape[-2:]
-        if abs(mw * lh / mh - lw) > 1.0 or abs(mh * lw / mw - lh) > 1.0:
+        if not mask_fits_latent((mh, mw), (lh, lw)):
             raise _error("subject_masks", f"its {mw}x{mh} aspect does not match the {lw * 8}x{lh * 8} image being "
                          "sampled; resize or crop the masks to the image.")
     if not settings.automatic:
@@ -144,10 +145,14 @@ def _check_run(settings: ConsiStorySettings, latent: torch.Tensor, positive) -> 
         context = entry.get("cross_attn") if isinstance(entry, dict) else None
         if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] not in (1, batch):
             continue
+        checked = set()
         for row in range(batch):
-            prompt = context[row if context.shape[0] == batch else 0]
-            own = cross_attention.own_token_count(prompt)
-            group = groups[row if len(groups) == batch else 0]
+            prompt, group = row if context.shape[0] == batch else 0, row if len(groups) == batch else 0
+            if (prompt, group) in checked:
+                continue  # the same prompt and tokens as an earlier row: compared once
+            checked.add((prompt, group))
+            own = cross_attention.own_token_count(context[prompt])
+            group = groups[group]
             which = f"the prompt of batch row {row}"
             if own < context.shape[1]:
                 which += f" (repeated to {context.shape[1]} tokens in the batch)"
