@@ -74,9 +74,11 @@ class StoryPrompts(io.ComfyNode):
                     "concept_token); each must be in every prompt.")),
             ],
             outputs=[
-                io.Conditioning.Output("conditioning", tooltip="One row per setting, in order."),
-                io.String.Output("subject_tokens", tooltip="Token indices per row, for ConsiStory's subject_tokens."),
-                io.Int.Output("count", tooltip="How many images: the latent's batch_size."),
+                io.Conditioning.Output("conditioning", display_name="conditioning",
+                                       tooltip="One row per setting, in order."),
+                io.String.Output("subject_tokens", display_name="subject_tokens",
+                                 tooltip="Token indices per row, for ConsiStory's subject_tokens."),
+                io.Int.Output("count", display_name="count", tooltip="How many images: the latent's batch_size."),
             ],
         )
 

@@ -143,7 +143,7 @@ def _ui_to_api(ui: dict, build) -> dict:
                 for after, _ in spec.extra_widgets:
                     if after == name:
                         next(values)
-            elif sockets.get(name) is not None:
+            if sockets.get(name) is not None:  # a socket, or a widget fed by a link
                 link = links[sockets[name]]
                 inputs[name] = [str(link[1]), link[2]]
         prompt[str(node["id"])] = {"inputs": inputs, "class_type": node["type"],
@@ -196,8 +196,14 @@ def test_workflow_runs_and_returns_images_of_the_requested_size(path, server, tm
     if expected is not None:
         assert {im.size for im in images} == {expected}
     batch = [n["inputs"]["targets"] + 1 for n in prompt.values() if n["class_type"] == "MasaCtrlLatentBatch"]
+    batch += [sum(1 for line in n["inputs"]["settings"].splitlines() if line.strip())
+              for n in prompt.values() if n["class_type"] == "StoryPrompts"]  # one image per setting line
     if batch:
         assert len(images) == batch[0] * len(savers)
+    if any(n["class_type"] == "ConsiStoryAttentionPatch" for n in prompt.values()):
+        log = server.log()[log_start:]
+        assert f"ConsiStoryAttentionPatch: consistory shared self-attention on steps 1-1 of {STEPS}" in log, \
+            log[-3000:]
     patches = [n["inputs"] for n in prompt.values() if n["class_type"] == "MasaCtrlAttentionPatch"]
     if patches:  # the patch said what it patched in this run (UNet layers, or Flux blocks by number)
         log = server.log()[log_start:]

@@ -46,7 +46,8 @@ NODE_SPECS: dict[str, NodeSpec] = {
     "CLIPTextEncode": NodeSpec(
         (("text", "STRING"), ("clip", "CLIP")), (("CONDITIONING", "CONDITIONING"),), "CLIP Text Encode (Prompt)"),
     "EmptyLatentImage": NodeSpec(
-        (("width", "INT"), ("height", "INT"), ("batch_size", "INT")), (("LATENT", "LATENT"),), "Empty Latent Image"),
+        (("width", "INT"), ("height", "INT"), ("batch_size", "INT")), (("LATENT", "LATENT"),), "Empty Latent Image",
+        widget_defaults=(("batch_size", 1),)),
     "KSampler": NodeSpec(
         (("model", "MODEL"), ("seed", "INT"), ("steps", "INT"), ("cfg", "FLOAT"), ("sampler_name", "COMBO"),
          ("scheduler", "COMBO"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -127,6 +128,18 @@ NODE_SPECS: dict[str, NodeSpec] = {
          ("latent_image", "LATENT"), ("denoise", "FLOAT"), ("jump_length", "INT"), ("jump_n_sample", "INT"),
          ("resample_start", "FLOAT"), ("resample_end", "FLOAT")),
         (("LATENT", "LATENT"),), "RePaint KSampler", seed_widgets=("seed",)),
+    "FreeU": NodeSpec((("model", "MODEL"), ("b1", "FLOAT"), ("b2", "FLOAT"), ("s1", "FLOAT"), ("s2", "FLOAT")),
+                      (("MODEL", "MODEL"),), "FreeU"),
+    "StoryPrompts": NodeSpec(
+        (("clip", "CLIP"), ("style", "STRING"), ("subject", "STRING"), ("settings", "STRING"),
+         ("subject_words", "STRING")),
+        (("conditioning", "CONDITIONING"), ("subject_tokens", "STRING"), ("count", "INT")), "Story Prompts"),
+    "ConsiStoryAttentionPatch": NodeSpec(
+        (("model", "MODEL"), ("anchors", "INT"), ("mask_dropout", "FLOAT"), ("seed", "INT"), ("start_step", "INT"),
+         ("end_step", "INT"), ("blocks", "COMBO"), ("share_queries", "BOOLEAN"), ("subject_tokens", "STRING"),
+         ("token_sharing", "COMBO"), ("subject_masks", "MASK")),
+        (("MODEL", "MODEL"),), "ConsiStory Attention Patch", seed_widgets=("seed",), optional=("subject_masks",),
+        widget_defaults=(("subject_tokens", ""),)),
 }
 
 # Where users get the files the workflows name (shown by the frontend's missing-models dialog).
@@ -186,6 +199,10 @@ class Graph:
         missing = [n for n in names if n not in inputs and n not in spec.optional]
         if missing:
             raise ValueError(f"{self.name}: {type_} needs {missing}")
+        unplaced = [n for n, t in spec.inputs if t in WIDGET_TYPES and _is_link(inputs.get(n))
+                    and n not in dict(spec.widget_defaults)]
+        if unplaced:
+            raise ValueError(f"{self.name}: {type_}'s linked widgets {unplaced} need a widget_defaults value")
         node = Node(len(self.nodes) + 1, type_, inputs, title or spec.title,
                     (40 + at[0] * COLUMN, 40 + at[1] * ROW), size)
         self.nodes.append(node)
@@ -206,10 +223,14 @@ class Graph:
         return prompt
 
     def ui(self) -> dict:
-        """The UI-format workflow (litegraph serialisation, version 0.4) of the current frontend."""
+        """The UI-format workflow (litegraph serialisation, version 0.4) of the current frontend.
+
+        A widget fed by a link (``batch_size=story[2]``) is listed after the sockets with
+        ``widget: {name}``, as the frontend writes a widget converted to an input; its
+        ``widgets_values`` entry keeps the spec's ``widget_defaults`` value, which the link overrides."""
         links, by_target = [], {}
         for node in self.nodes:
-            sockets = [n for n, t in node.spec.inputs if t not in WIDGET_TYPES]
+            sockets = [n for n, _ in _sockets(node)]
             for name, type_ in node.spec.inputs:
                 value = node.inputs.get(name)
                 if _is_link(value):
@@ -220,7 +241,7 @@ class Graph:
         out_nodes, models = [], []
         for node in self.nodes:
             inputs = [{"name": n, "type": t, "link": by_target.get((node.id, n), [None])[0]}
-                      for n, t in node.spec.inputs if t not in WIDGET_TYPES]
+                      | ({"widget": {"name": n}} if t in WIDGET_TYPES else {}) for n, t in _sockets(node)]
             outputs = [{"name": n, "type": t, "slot_index": i,
                         "links": [link[0] for link in links if link[1] == node.id and link[2] == i]}
                        for i, (n, t) in enumerate(node.spec.outputs)]
@@ -228,7 +249,8 @@ class Graph:
             defaults = dict(node.spec.widget_defaults)
             for name, type_ in node.spec.inputs:
                 if type_ in WIDGET_TYPES:
-                    widgets.append(node.inputs[name] if name in node.inputs else defaults[name])
+                    value = node.inputs.get(name, defaults.get(name))
+                    widgets.append(defaults[name] if _is_link(value) else value)
                     if name in node.spec.seed_widgets:
                         widgets.append("fixed")
                     widgets += [value for after, value in node.spec.extra_widgets if after == name]
@@ -248,6 +270,13 @@ class Graph:
             "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "info": {"description": self.description}},
             "models": models, "version": 0.4,
         }
+
+
+def _sockets(node: Node) -> list[tuple[str, str]]:
+    """The node's input slots: its sockets in order, then its widgets fed by a link."""
+    inputs = node.spec.inputs
+    return [(n, t) for n, t in inputs if t not in WIDGET_TYPES] + [
+        (n, t) for n, t in inputs if t in WIDGET_TYPES and _is_link(node.inputs.get(n))]
 
 
 def _is_link(value) -> bool:
@@ -475,6 +504,43 @@ def word_inpaint(name: str) -> Graph:
     return g
 
 
+STORY_SETTINGS = "sitting in the beach\nstanding in the snow\nplaying in the park\nin the circus"
+
+
+def consistory(name: str, checkpoint: str, size: int, family: str, sdxl: bool) -> Graph:
+    """(e) ConsiStory: one subject across a batch of prompts, from text alone. Story Prompts types the
+    story once (official CLI: style + subject + one setting per line); the first two images are the
+    anchors whose subject every image attends to; 50 DDIM steps. SDXL as the official run: CFG 5,
+    a zero negative (diffusers' SDXL zeroes an empty negative prompt) and FreeU (s1 0.6, s2 0.4,
+    b1 1.1, b2 1.2); SD1.5 has no official settings: CFG 7.5 with an empty negative prompt, no FreeU."""
+    g = Graph(name, f"ConsiStory ({family}): the same subject in every setting line of Story Prompts, from text "
+                    "alone. The first two images are the anchors that define the subject's identity (keep their "
+                    "settings simple); lower mask_dropout for a closer identity, raise it for more varied poses.")
+    ckpt = g.add("CheckpointLoaderSimple", at=(0, 0), size=(320, 100), ckpt_name=checkpoint)
+    story = g.add("StoryPrompts", at=(1, 0), size=(350, 330), clip=ckpt[1], style="A photo of ",
+                  subject="a cute dog", settings=STORY_SETTINGS, subject_words="dog")
+    if sdxl:
+        negative = g.add("ConditioningZeroOut", "Negative (zero, as the official SDXL run)", at=(1, 6.5),
+                         size=(350, 30), conditioning=story[0])
+        model = g.add("FreeU", "FreeU (official ConsiStory settings)", at=(0, 3), size=(320, 130), model=ckpt[0],
+                      b1=1.1, b2=1.2, s1=0.6, s2=0.4)[0]
+    else:
+        negative = g.add("CLIPTextEncode", "Negative prompt (empty)", at=(1, 6.5), size=(350, 100), clip=ckpt[1],
+                         text="")
+        model = ckpt[0]
+    empty = g.add("EmptyLatentImage", "Empty Latent Image (one per setting)", at=(2, 0), size=(320, 110),
+                  width=size, height=size, batch_size=story[2])
+    patch = g.add("ConsiStoryAttentionPatch", at=(2, 3), size=(340, 300), model=model, anchors=2,
+                  mask_dropout=0.5, seed=40, start_step=1, end_step=-1, blocks="up", share_queries=True,
+                  subject_tokens=story[1], token_sharing="consistory")
+    sampler = g.add("KSampler", at=(3, 0), size=(320, 270), model=patch[0], seed=40, steps=50,
+                    cfg=5.0 if sdxl else 7.5, sampler_name="ddim", scheduler="ddim_uniform", positive=story[0],
+                    negative=negative[0], latent_image=empty[0], denoise=1.0)
+    decode = g.add("VAEDecode", at=(4, 0), size=(220, 50), samples=sampler[0], vae=ckpt[2])
+    g.add("SaveImage", at=(4, 2), size=(520, 400), images=decode[0], filename_prefix=f"consistent-synthesis/{name}")
+    return g
+
+
 INPUT_IMAGE = "consistent_synthesis_room.png"
 PERSON_IMAGE = "consistent_synthesis_person.png"
 
@@ -520,6 +586,8 @@ WORKFLOWS = {
     "repaint_inpaint": lambda: repaint("repaint_inpaint", outpaint=False),
     "repaint_outpaint": lambda: repaint("repaint_outpaint", outpaint=True),
     "word_inpaint": lambda: word_inpaint("word_inpaint"),
+    "consistory_sd15": lambda: consistory("consistory_sd15", "v1-5-pruned-emaonly.safetensors", 512, "SD1.5", False),
+    "consistory_sdxl": lambda: consistory("consistory_sdxl", "sd_xl_base_1.0.safetensors", 1024, "SDXL", True),
 }
 
 
