@@ -4,8 +4,8 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (consistory, cross_attention_mask, inversion, masactrl, masactrl_batch, pose_edit_outpaint, prompt_tokens,
-               repaint, story_prompts)
+from . import (consistory, cross_attention_mask, inversion, masactrl, masactrl_batch, particle_inpaint, pose_edit_outpaint,
+               prompt_tokens, repaint, story_prompts)
 
 NODES: list[type[io.ComfyNode]] = [
     masactrl.MasaCtrlAttentionPatch,
@@ -15,6 +15,8 @@ NODES: list[type[io.ComfyNode]] = [
     inversion.MasaCtrlInvertedSource,
     repaint.RePaintKSampler,
     repaint.RePaintSampler,
+    particle_inpaint.ParticleInpaintKSampler,
+    particle_inpaint.ParticleInpaintSampler,
     pose_edit_outpaint.PoseEditOutpaint,
     prompt_tokens.PromptTokenIndices,
     cross_attention_mask.CrossAttentionMask,
