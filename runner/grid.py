@@ -102,7 +102,8 @@ def draw_grid(path: Path, title: str, row_label: str, rows: list, col_label: str
 
 
 def plot_metrics(path: Path, title: str, x_label: str, xs: list, line_label: str, lines: list,
-                 metrics: dict[str, dict[tuple[int, int], float]], baselines: dict[str, float] = ()) -> Path | None:
+                 metrics: dict[str, dict[tuple[int, int], float]], baselines: dict[str, float] = (),
+                 baseline_label: str = "MasaCtrl off") -> Path | None:
     """One panel per metric: the metric against ``xs``, one line per value in ``lines``.
 
     ``metrics[name][(x index, line index)]`` is a value (missing or NaN points are left out);
@@ -131,7 +132,7 @@ def plot_metrics(path: Path, title: str, x_label: str, xs: list, line_label: str
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{line_label}={line}" if line_label else None)
         if name in dict(baselines):
-            ax.axhline(dict(baselines)[name], color="grey", linestyle="--", label="MasaCtrl off")
+            ax.axhline(dict(baselines)[name], color="grey", linestyle="--", label=baseline_label)
         ax.set_title(name)
         ax.set_xlabel(x_label)
         if not numeric:

@@ -19,6 +19,7 @@ from consistent_synthesis.runner.sweep.graph import MASK_NODE, MASK_SAVE_NODE, m
 SD15 = workflow.load(REPO / "workflows" / "api" / "masactrl_sd15.json")
 CHARACTER = workflow.load(REPO / "workflows" / "api" / "consistent_character.json")
 OUTPAINT = workflow.load(REPO / "workflows" / "api" / "repaint_outpaint.json")
+STORY = workflow.load(REPO / "workflows" / "api" / "consistory_sd15.json")
 
 
 # ---- metrics -----------------------------------------------------------------------------------------------
@@ -172,6 +173,51 @@ def test_save_nodes_write_into_a_folder_per_cell():
     prefixes = [c.prompt["11"]["inputs"]["filename_prefix"] for c in cells + references]
     assert prefixes[0] == "consistent-synthesis/masactrl_sd15-sweep/8.start_step=0/masactrl_sd15"
     assert len(set(prefixes)) == 3
+
+
+def test_a_consistory_sweep_over_mask_dropout_has_one_consistory_off_reference():
+    patch, sampler, save = (_node(STORY, c) for c in ("ConsiStoryAttentionPatch", "KSampler", "SaveImage"))
+    axes = parse_axes(STORY, ["mask_dropout=0,0.5,1"])
+    cells, references = make_cells(STORY, axes, "consistory_sd15")
+    assert [c.prompt[patch]["inputs"]["mask_dropout"] for c in cells] == [0, 0.5, 1]
+    assert [r.key for r in references] == ["consistory-off"] and {c.reference for c in cells} == {"consistory-off"}
+    off = references[0].prompt
+    assert patch not in off and off[sampler]["inputs"]["model"] == STORY[patch]["inputs"]["model"]
+    assert {n["class_type"] for n in off.values()} == {n["class_type"] for n in STORY.values()} - {
+        "ConsiStoryAttentionPatch"}  # the story, its batch size link and everything else stay
+    assert main_output(STORY) == save
+
+
+def test_consistory_metrics_compare_the_later_images_with_the_anchors_and_the_patch_off(tmp_path):
+    """histdist_to_anchors: mean colour distance of every non-anchor image to every anchor (the reference
+    cell gets it too, as the baseline); *_to_consistory_off: each image against itself without the patch."""
+    from PIL import Image
+
+    from consistent_synthesis.runner.sweep.report import measure
+
+    rng = np.random.default_rng(3)
+    batch = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    save = _node(STORY, "SaveImage")
+    records = {}
+    for key, images, ref in (("5.mask_dropout=0", batch, "consistory-off"),
+                             ("consistory-off", batch[:2] + [batch[0], batch[1]], None)):
+        folder = tmp_path / "cells" / key
+        folder.mkdir(parents=True)
+        names = [f"{i}.png" for i in range(len(images))]
+        for name, image in zip(names, images):
+            Image.fromarray(image).save(folder / name)
+        records[key] = {"cell": key, "files": {save: names}, "reference": ref}
+    rows = measure(STORY, tmp_path, records)
+    loaded = [metrics.load_rgb(tmp_path / "cells" / "5.mask_dropout=0" / f"{i}.png") for i in range(4)]
+    expected = np.mean([metrics.histogram_distance(loaded[t], loaded[a]) for t in (2, 3) for a in (0, 1)])
+    assert rows["5.mask_dropout=0"]["histdist_to_anchors"] == pytest.approx(expected, abs=1e-12)
+    off = rows["consistory-off"]  # later images equal to the anchors: distance from image 2 to anchor 0 is 0
+    assert off["histdist_to_anchors"] == pytest.approx(np.mean([metrics.histogram_distance(loaded[a], loaded[b])
+                                                                for a, b in ((0, 0), (0, 1), (1, 0), (1, 1))]))
+    on = rows["5.mask_dropout=0"]
+    assert on["ssim_to_consistory_off"] == pytest.approx(np.mean([1, 1, metrics.ssim(loaded[2], loaded[0]),
+                                                                  metrics.ssim(loaded[3], loaded[1])]))
+    assert 0 < on["histdist_to_consistory_off"] < expected
 
 
 # ---- grid ------------------------------------------------------------------------------------------------

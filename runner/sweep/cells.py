@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .axes import Axis
-from .graph import bypass_masactrl, id_order, masactrl_patches, with_mask_saved
+from .graph import attention_patches, bypass_patches, id_order, method_off, with_mask_saved
 
-REFERENCE = "masactrl-off"
 
 
 @dataclass
@@ -37,10 +36,11 @@ def _prefix_outputs(prompt: dict, folder: str) -> None:
 
 
 def make_cells(prompt: dict, axes: list[Axis], name: str) -> tuple[list[Cell], list[Cell]]:
-    """(grid cells in row-major order of the axes, MasaCtrl-off reference cells)."""
+    """(grid cells in row-major order of the axes, reference cells with the attention patches off)."""
     prompt = with_mask_saved(prompt)
-    patches = masactrl_patches(prompt)
-    bypassed = bypass_masactrl(prompt) if patches else None
+    patches = attention_patches(prompt)
+    bypassed = bypass_patches(prompt) if patches else None
+    off = safe(method_off(prompt).lower().replace(" and ", "-").replace(" ", "-"))  # 'masactrl-off' 
     cells, references = [], {}
     for combo in itertools.product(*(a.values for a in axes)):
         key = "__".join(safe(a.key(v)) for a, v in zip(axes, combo))
@@ -51,7 +51,7 @@ def make_cells(prompt: dict, axes: list[Axis], name: str) -> tuple[list[Cell], l
         cell = Cell(key, {a.label: v for a, v in zip(axes, combo)}, p)
         if bypassed is not None:
             kept = [(a, v) for a, v in zip(axes, combo) if a.node in bypassed]
-            ref_key = "__".join([REFERENCE] + [safe(a.key(v)) for a, v in kept])
+            ref_key = "__".join([off] + [safe(a.key(v)) for a, v in kept])
             if ref_key not in references:
                 r = copy.deepcopy(bypassed)
                 for a, v in kept:

@@ -14,6 +14,7 @@ from ..startup import SMOKE_HEIGHT, SMOKE_STEPS, SMOKE_WIDTH, sizes
 from . import SweepError
 from .axes import Axis, check_against_server, parse_axes
 from .cells import Cell, load_done, make_cells
+from .graph import method_off
 from .pool import Progress, State, answering, run_cells, short, start_local
 from .report import draw, measure, write_csv
 
@@ -104,9 +105,9 @@ def run(args: argparse.Namespace) -> int:
     todo = [c for c in everything if load_done(folder / "cells" / c.key) is None]
     state = State(folder, None, args.timeout)
     wall, missing = 0.0, []
-    logging.info("%s: %d cell(s) (%s), %d reference cell(s) with MasaCtrl off; %d already done, %d to run",
+    logging.info("%s: %d cell(s) (%s), %d reference cell(s) with %s; %d already done, %d to run",
                  name, len(cells), " x ".join(str(len(a.values)) for a in axes), len(references),
-                 len(everything) - len(todo), len(todo))
+                 method_off(prompt) if references else "no patch off", len(everything) - len(todo), len(todo))
     if todo:  # a finished sweep is redrawn without starting or asking any server
         wall, missing = _run(todo, args, prompt, axes, state)
 

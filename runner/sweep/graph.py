@@ -1,11 +1,14 @@
-"""Reading and rewiring an API prompt: its outputs, its MasaCtrl patches bypassed, the mask its
-RePaint sampler sees, and the image output the metrics read."""
+"""Reading and rewiring an API prompt: its outputs, its attention patches (MasaCtrl, ConsiStory)
+bypassed, the mask its RePaint sampler sees, and the image output the metrics read."""
 
 from __future__ import annotations
 
 import copy
 
 MASACTRL_PATCHES = ("MasaCtrlAttentionPatch",)
+# attention patches a sweep compares with the same graph without them: class -> the method's name
+PATCH_METHODS = {"MasaCtrlAttentionPatch": "MasaCtrl", "ConsiStoryAttentionPatch": "ConsiStory"}
+CONSISTORY_PATCHES = ("ConsiStoryAttentionPatch",)
 REPAINT_NODES = ("RePaintKSampler", "RePaintSampler")
 OUTPUT_IMAGE_NODES = ("SaveImage", "PreviewImage")
 MASK_NODE, MASK_SAVE_NODE = "sweep_mask", "sweep_mask_save"  # what saves the mask RePaint sees
@@ -42,11 +45,25 @@ def masactrl_patches(prompt: dict) -> list[str]:
     return [i for i, n in prompt.items() if n["class_type"] in MASACTRL_PATCHES]
 
 
-def bypass_masactrl(prompt: dict) -> dict:
-    """The prompt with every MasaCtrl patch node removed, its consumers reading the unpatched model."""
+def consistory_patches(prompt: dict) -> list[str]:
+    return [i for i, n in prompt.items() if n["class_type"] in CONSISTORY_PATCHES]
+
+
+def attention_patches(prompt: dict) -> list[str]:
+    return [i for i, n in prompt.items() if n["class_type"] in PATCH_METHODS]
+
+
+def method_off(prompt: dict) -> str:
+    """The reference cell's label: 'MasaCtrl off', 'ConsiStory off' (or both)."""
+    methods = dict.fromkeys(PATCH_METHODS[prompt[i]["class_type"]] for i in attention_patches(prompt))
+    return " and ".join(methods) + " off"
+
+
+def bypass_patches(prompt: dict) -> dict:
+    """The prompt with every attention patch node removed, its consumers reading the unpatched model."""
     prompt = copy.deepcopy(prompt)
     outputs = sinks(prompt)
-    for patch in masactrl_patches(prompt):
+    for patch in attention_patches(prompt):
         model = prompt[patch]["inputs"]["model"]
         for node in prompt.values():
             for name, value in list(links(node)):
@@ -89,8 +106,8 @@ def with_mask_saved(prompt: dict) -> dict:
 
 
 def main_output(prompt: dict) -> str | None:
-    """The image output the metrics read: the one fed by the MasaCtrl patch or the RePaint sampler."""
-    for start in masactrl_patches(prompt) + [i for i, n in prompt.items() if n["class_type"] in REPAINT_NODES]:
+    """The image output the metrics read: the one fed by an attention patch or the RePaint sampler."""
+    for start in attention_patches(prompt) + [i for i, n in prompt.items() if n["class_type"] in REPAINT_NODES]:
         hits = [i for i in sorted(descendants(prompt, start), key=id_order)
                 if prompt[i]["class_type"] in OUTPUT_IMAGE_NODES]
         if hits:

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import grid, metrics
 from .axes import Axis
 from .cells import Cell, safe
-from .graph import MASK_SAVE_NODE, main_output, masactrl_patches
+from .graph import MASK_SAVE_NODE, consistory_patches, main_output, masactrl_patches, method_off
 
 
 def _cell_images(folder: Path, record: dict, node: str | None) -> list[Path]:
@@ -46,6 +46,7 @@ def measure(prompt: dict, folder: Path, records: dict[str, dict]) -> dict[str, d
                 pairs = [(images[t], ref_images[t]) for t in targets if t < len(ref_images)]
                 row["ssim_to_masactrl_off"] = _mean(metrics.ssim(a, b) for a, b in pairs)
                 row["histdist_to_masactrl_off"] = _mean(metrics.histogram_distance(a, b) for a, b in pairs)
+        row.update(_consistory_metrics(prompt, images, records, record, folder, main))
         masks = record["files"].get(MASK_SAVE_NODE)
         if masks and images:
             seams, ratios = [], []
@@ -57,6 +58,28 @@ def measure(prompt: dict, folder: Path, records: dict[str, dict]) -> dict[str, d
             row["seam_error"], row["seam_ratio"] = _mean(seams), _mean(ratios)
         out[key] = row
     return out
+
+
+def _consistory_metrics(prompt: dict, images: list, records: dict, record: dict, folder: Path,
+                        main: str | None) -> dict[str, float]:
+    """For a ConsiStory graph: how far each non-anchor image is from the anchors in colour (measured in
+    the reference cells too, as the baseline), and how far the patch moved every image."""
+    patches = consistory_patches(prompt)
+    if not patches:
+        return {}
+    anchors = prompt[patches[0]]["inputs"].get("anchors", 2)
+    anchors = anchors if isinstance(anchors, int) and not isinstance(anchors, bool) else 2
+    row = {}
+    if len(images) > anchors:
+        row["histdist_to_anchors"] = _mean(metrics.histogram_distance(images[t], images[a])
+                                           for t in range(anchors, len(images)) for a in range(anchors))
+    ref = records.get(record.get("reference") or "")
+    if ref is not None:
+        ref_images = [metrics.load_rgb(p) for p in _cell_images(folder / "cells" / ref["cell"], ref, main)]
+        pairs = list(zip(images, ref_images))
+        row["ssim_to_consistory_off"] = _mean(metrics.ssim(a, b) for a, b in pairs)
+        row["histdist_to_consistory_off"] = _mean(metrics.histogram_distance(a, b) for a, b in pairs)
+    return row
 
 
 def _mean(values) -> float:
@@ -80,7 +103,7 @@ def write_csv(path: Path, axes: list[Axis], records: list[dict], measured: dict[
 
 def _metric_order(name: str):
     order = ["ssim_to_source", "histdist_to_source", "ssim_to_masactrl_off", "histdist_to_masactrl_off",
-             "seam_error", "seam_ratio"]
+             "histdist_to_anchors", "ssim_to_consistory_off", "histdist_to_consistory_off", "seam_error", "seam_ratio"]
     return order.index(name) if name in order else len(order)
 
 
@@ -94,6 +117,7 @@ def draw(prompt: dict, axes: list[Axis], folder: Path, name: str, records: dict[
     main = main_output(prompt)
     patches = masactrl_patches(prompt)
     source_index = prompt[patches[0]]["inputs"].get("source_index", 0) if patches else None
+    consistory = bool(consistory_patches(prompt))
     rows_axis = axes[0]
     cols_axis = axes[1] if len(axes) > 1 else None
     further = axes[2:]
@@ -119,6 +143,11 @@ def draw(prompt: dict, axes: list[Axis], folder: Path, name: str, records: dict[
                         header.append(("MasaCtrl off", grid.tile(
                             [p for i, p in enumerate(ref_paths) if i != source_index], tile_side)))
                 paths = shown
+            elif consistory and not header:  # the whole batch without the patch, once above the grid
+                ref = records.get(c.reference or "")
+                if ref is not None and len({x.reference for x in chosen}) == 1:
+                    header.append((method_off(prompt), grid.tile(
+                        _cell_images(folder / "cells" / ref["cell"], ref, main), tile_side)))
             tiles[(r, col)] = grid.tile(paths, tile_side)
         title = f"{name}: rows {rows_axis.label}" + (f", columns {cols_axis.label}" if cols_axis else "")
         if further:
@@ -148,11 +177,11 @@ def draw(prompt: dict, axes: list[Axis], folder: Path, name: str, records: dict[
         baselines = {}
         if len(refs) == 1 and None not in refs and refs.pop() in measured:
             ref_metrics = measured[chosen[0].reference]
-            baselines = {m: v for m, v in ref_metrics.items() if m.endswith("_to_source")}
+            baselines = {m: v for m, v in ref_metrics.items() if m.endswith(("_to_source", "_to_anchors"))}
         plot = grid.plot_metrics(folder / (f"plot__{suffix}.png" if suffix else "plot.png"), title,
                                  rows_axis.label, list(rows_axis.values),
                                  cols_axis.label if cols_axis else "", list(cols_axis.values) if cols_axis else [""],
-                                 series, baselines)
+                                 series, baselines, method_off(prompt))
         if plot is not None:
             plots.append(plot)
     return grids, plots
