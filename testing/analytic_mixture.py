@@ -137,6 +137,7 @@ class MixtureDenoiser(torch.nn.Module):
         flow = self.model_type == types.FLOW
         s = transformer_options["sigmas"].to(torch.float64).reshape(-1, 1)
         flat = xc.reshape(xc.shape[0], -1).to(torch.float64)
+        s = s.repeat(flat.shape[0] // s.shape[0], 1)  # cond and uncond chunks in one call share the sigmas
         x = flat if flow else flat * (s * s + 1).sqrt()
         x0 = posterior_mean(self.mix, x, s.expand(x.shape[0], 1), flow)
         if self.model_type == types.V_PREDICTION:
