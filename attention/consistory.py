@@ -145,6 +145,13 @@ class ConsiStoryRun:
         concept_maps = mean.reshape(self.batch, -1, *map_size)
         return subject_masks(concept_maps, (height, width), present)
 
+    def last_mask(self, height: int, width: int, map_size: tuple[int, int], device) -> torch.Tensor | None:
+        """``(batch, height * width)`` bool subject masks before dropout from every map recorded so far,
+        the last step's included: after a run, the official ``AttentionStore.last_mask`` (what feature
+        injection reads). None: automatic masks and no map recorded."""
+        self.maps.end_step()
+        return self._subject(height, width, map_size, device)
+
     def lent(self, height: int, width: int, map_size: tuple[int, int], device) -> torch.Tensor | None:
         """``(batch, height * width)`` bool: the tokens each image lends in this step at this grid
         (subject tokens after dropout, or StoryDiffusion's random subset); None: share nothing."""

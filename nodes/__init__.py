@@ -4,8 +4,8 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (consistory, cross_attention_mask, inversion, masactrl, masactrl_batch, particle_inpaint, pose_edit_outpaint,
-               prompt_tokens, repaint, story_prompts)
+from . import (consistory, consistory_injection, cross_attention_mask, inversion, masactrl, masactrl_batch,
+               particle_inpaint, pose_edit_outpaint, prompt_tokens, repaint, story_prompts)
 
 NODES: list[type[io.ComfyNode]] = [
     masactrl.MasaCtrlAttentionPatch,
@@ -21,6 +21,7 @@ NODES: list[type[io.ComfyNode]] = [
     prompt_tokens.PromptTokenIndices,
     cross_attention_mask.CrossAttentionMask,
     consistory.ConsiStoryAttentionPatch,
+    consistory_injection.ConsiStoryFeatureInjection,
     story_prompts.StoryPrompts,
 ]
 
