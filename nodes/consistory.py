@@ -22,7 +22,7 @@ from ..attention.consistory import SHARING, UNET_PARTS, ConsiStoryRun, ConsiStor
 from ..attention.layer_selection import StepWindow
 from ..samplers import run_context, step_clock
 from ..samplers.repaint import mask_fits_latent
-from . import checks, cross_attention_maps, host_compat
+from . import checks, cross_attention_maps, host_compat, masactrl_dit
 from . import run_context as run_context_nodes
 from .unet_layers import attn1_module, self_attention_layers
 
@@ -179,9 +179,9 @@ def patch_model(model, *, anchors: int = 2, mask_dropout: float = 0.5, seed: int
     """A clone of ``model`` with shared self-attention in ``blocks`` (see ``ConsiStoryAttentionPatch``)."""
     diffusion_model = model.get_model_object("diffusion_model")
     all_layers = self_attention_layers(diffusion_model)
-    if not all_layers:
-        raise _error("model", "this model has no UNet transformer blocks; ConsiStory is built here for SD1.x, SD2.x "
-                     "and SDXL UNets (Flux and SD3 come later).")
+    if not all_layers and not masactrl_dit.is_dit(model):
+        raise _error("model", "this model has neither UNet transformer blocks nor joint-attention blocks; ConsiStory "
+                     "is built here for SD1.x, SD2.x and SDXL UNets and for Flux and SD3.")
     if blocks not in UNET_PARTS:
         raise _error("blocks", f"{blocks!r} is not one of {list(UNET_PARTS)}.")
     if token_sharing not in SHARING:
@@ -207,6 +207,9 @@ def patch_model(model, *, anchors: int = 2, mask_dropout: float = 0.5, seed: int
     settings = ConsiStorySettings(window=window, layers=selected, anchors=anchors, mask_dropout=float(mask_dropout),
                                   seed=seed, share_queries=share_queries, subject_tokens=groups,
                                   subject_masks=subject_masks, sharing=token_sharing)
+    if not all_layers:  # Flux, SD3: shared joint attention (nodes/consistory_dit.py)
+        from . import consistory_dit
+        return consistory_dit.patch_dit(model, settings, blocks)
     patched = model.clone()
     options = patched.model_options.get("transformer_options", {}).get("patches_replace", {})
     existing = options.get("attn1", {})
