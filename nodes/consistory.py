@@ -241,8 +241,9 @@ class ConsiStoryAttentionPatch(io.ComfyNode):
                          "subject (found by its words' cross-attention maps) in the anchor images, so one "
                          "character or object stays the same across prompts. Batch the prompts with Story Prompts."),
             inputs=[
-                io.Model.Input("model", tooltip="The UNet model (SD1.x, SD2.x, SDXL) to patch; a clone is patched, "
-                               "so the original stays as it is. LoRA, ControlNet and other patches are kept."),
+                io.Model.Input("model", tooltip="The model to patch: SD1.x, SD2.x, SDXL, or Flux / SD3 (image tokens "
+                               "shared in their joint attention, text tokens untouched); a clone is patched, so the "
+                               "original stays as it is. LoRA, ControlNet and other patches are kept."),
                 io.Int.Input("anchors", default=2, min=1, max=64, tooltip=(
                     "The first images of the batch lend their subject to every image (official: 2). More anchors "
                     "cost more memory; at most the batch size.")),
@@ -259,7 +260,9 @@ class ConsiStoryAttentionPatch(io.ComfyNode):
                     "Step at which sharing stops (exclusive); -1: to the last step (official).")),
                 io.Combo.Input("blocks", options=list(UNET_PARTS), default="up", tooltip=(
                     "Where sharing acts: 'up' is the decoder (ComfyUI's output blocks, official), 'mid+up' adds "
-                    "the middle block, 'down+mid+up' every self-attention layer.")),
+                    "the middle block, 'down+mid+up' every self-attention layer. Flux: 'up' = the single-stream "
+                    "blocks, 'mid+up' adds the second half of the double blocks; SD3: 'up' = the second half of "
+                    "the joint blocks, 'mid+up' from the first third on.")),
                 io.Boolean.Input("share_queries", default=True, tooltip=(
                     "Vanilla-query mixing (official, for layout diversity): in the first tenth of the steps the "
                     "queries are blended with those of a plain model call (0.9 down to 0.82), one extra model "
