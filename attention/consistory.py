@@ -164,8 +164,18 @@ class ConsiStoryRun:
                 self.keep[key] = token_sharing_keep(self.batch, height * width, rate, generator, device)
             else:
                 masks = self._subject(height, width, map_size, device)
-                self.keep[key] = None if masks is None else keep_masks(masks, s.mask_dropout, generator)
+                self.keep[key] = None if masks is None else self._anchor_dropout(masks, generator)
         return self.keep[key]
+
+    def _anchor_dropout(self, masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Dropout drawn for the anchors' rows only: only anchors lend (``extended_mapping``), so the
+        other rows' draws would change nothing but the generator's position. Drawn so, the anchors
+        lend the same tokens whatever the images after them: a setting added to a story changes no
+        other image, and a cached run (``anchor_cache.py``) equals the batch run it stands for.
+        Rows past the anchors keep their masks undropped (never read by SDSA)."""
+        lenders = min(self.settings.anchors, self.batch)
+        kept = keep_masks(masks[:lenders], self.settings.mask_dropout, generator)
+        return torch.cat([kept, masks[lenders:].to(torch.bool)])
 
     def shares(self, layer) -> bool:
         """StoryDiffusion's per-call coin, one per layer and step (shared by the cond and uncond calls);
