@@ -4,8 +4,8 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (consistory, consistory_injection, cross_attention_mask, inversion, masactrl, masactrl_batch,
-               particle_inpaint, pose_edit_outpaint, prompt_tokens, repaint, story_prompts)
+from . import (consistory, consistory_injection, consistory_subject, cross_attention_mask, inversion, masactrl,
+               masactrl_batch, particle_inpaint, pose_edit_outpaint, prompt_tokens, repaint, story_prompts)
 
 NODES: list[type[io.ComfyNode]] = [
     masactrl.MasaCtrlAttentionPatch,
@@ -22,6 +22,8 @@ NODES: list[type[io.ComfyNode]] = [
     cross_attention_mask.CrossAttentionMask,
     consistory.ConsiStoryAttentionPatch,
     consistory_injection.ConsiStoryFeatureInjection,
+    consistory_subject.ConsiStorySaveSubject,
+    consistory_subject.ConsiStoryLoadSubject,
     story_prompts.StoryPrompts,
 ]
 
