@@ -41,7 +41,7 @@ from ..attention import anchor_cache as ac
 from ..attention import shared_attention
 from ..attention.consistory import ConsiStorySettings
 from ..samplers import run_context, step_clock
-from . import checks, consistory, host_compat
+from . import checks, consistory, consistory_injection, host_compat
 from . import run_context as run_context_nodes
 from .consistory_injection import consistory_settings
 from .unet_layers import attn1_module
@@ -101,6 +101,14 @@ def _consistory(node: str, model) -> ConsiStorySettings:
         raise checks.error(node, "model", f"its ConsiStory Attention Patch uses token_sharing {settings.sharing!r}; "
                            "reusable subjects are ConsiStory's anchors: set token_sharing to 'consistory'.")
     return settings
+
+
+def _refuse_injection(node: str, model) -> None:
+    """Feature injection with a saved subject (the official second-stage cache, the anchors' DIFT features
+    and injected outputs) is not built: refused rather than run with the batch's first images as anchors."""
+    if consistory_injection.KEY in model.wrappers.get(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, {}):
+        raise checks.error(node, "model", "it carries ConsiStory Feature Injection, which does not yet work with "
+                           "saved subjects; sample without Feature Injection.")
 
 
 def _shared_layers(model, settings: ConsiStorySettings) -> dict:
@@ -205,6 +213,7 @@ def _save_wrapper(settings: ConsiStorySettings, fingerprint: str, prefix: str, l
     def wrapper(executor, *args, **kwargs):
         noise, latent, sampler, sigmas = args[:4]
         guider = executor.class_obj
+        _refuse_injection(SAVE_NODE, guider.model_patcher)
         options = guider.model_options.setdefault("transformer_options", {})
         steps = len(sigmas) - 1
         anchors = min(settings.anchors, latent.shape[0])
@@ -337,6 +346,7 @@ def _load_wrapper(settings: ConsiStorySettings, subject: Subject, layer_count: i
         latent, sigmas = args[1], args[3]
         guider = executor.class_obj
         options = guider.model_options.setdefault("transformer_options", {})
+        _refuse_injection(LOAD_NODE, guider.model_patcher)
         _check_cached_run(subject, settings, latent, sigmas, guider)
         # the patch's own checks (masks, tokens) for a batch of new images only: no anchor is in it
         conds = getattr(guider, "conds", None) or {}

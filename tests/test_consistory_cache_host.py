@@ -19,7 +19,7 @@ import folder_paths  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
 from consistent_synthesis.attention import anchor_cache as ac  # noqa: E402
-from consistent_synthesis.nodes import consistory, consistory_subject as node  # noqa: E402
+from consistent_synthesis.nodes import consistory, consistory_injection, consistory_subject as node  # noqa: E402
 from sync_counter import HostSyncCounter  # noqa: E402
 
 ANCHORS, SIDE, STEPS, CFG = 2, 16, 4, 5.0
@@ -204,3 +204,13 @@ def test_cached_generation_adds_no_host_sync_and_saving_one_per_step_and_grid(sd
              f"{plain_anchors.total} plain ({lent} step-and-grid index reads)")
     assert counted.total - baseline.total <= 0, counted.report()
     assert saved.total - plain_anchors.total == lent and lent > 0, saved.report()
+
+
+def test_feature_injection_with_a_subject_is_refused_before_sampling(sd15, subjects):
+    saved, _ = _save(sd15)
+    injected_after = consistory_injection.patch_model(_load(sd15, saved))
+    with pytest.raises(ValueError, match="ConsiStoryLoadSubject: input 'model': .*Feature Injection"):
+        _sample(injected_after, NEW)
+    saving = node.save_subject(consistory_injection.patch_model(_patch(sd15, slice(0, ANCHORS), False)))
+    with pytest.raises(ValueError, match="ConsiStorySaveSubject: input 'model': .*Feature Injection"):
+        _sample(saving, slice(0, ANCHORS))
