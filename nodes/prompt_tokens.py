@@ -1,9 +1,11 @@
-"""PromptTokenIndices: the token positions of words in a prompt, as the UNet's context lays them out.
+"""PromptTokenIndices: the token positions of words in a prompt, as the model's context lays them out.
 
 A CLIP tokenizer lays a prompt out in chunks of 77 tokens (start token, up to 75 prompt tokens,
 end token, padding); the text encoder encodes each chunk and the UNet sees the chunks
 concatenated. Index ``c * 77 + p`` is position ``p`` of chunk ``c``: index 0 is the start token,
 so the first word of a short prompt is index 1, as the official MasaCtrl code's ``token_idx=1``.
+SD3's context starts with those 77 CLIP tokens (T5's follow); Flux's context is T5's tokens alone
+(no start token: the first word is index 0), CLIP-L giving only the pooled vector.
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ def _sub_tokenizers(clip) -> dict:
                 found[key] = sub
                 break
     return found
+
+
+def _context_encoders(subs: dict) -> dict:
+    """The tokenizers whose layout the model's context follows: T5 alone when there is no CLIP-G
+    next to it (Flux: CLIP-L gives only the pooled vector), else the CLIP ones (SD1.x, SD2.x, SDXL,
+    and SD3, whose context starts with CLIP's 77 tokens)."""
+    if "t5xxl" in subs and "g" not in subs:
+        return {"t5xxl": subs["t5xxl"]}
+    return {k: v for k, v in subs.items() if k != "t5xxl"} or subs
 
 
 def _ids(chunks) -> list:
@@ -57,10 +68,10 @@ def token_indices(clip, text: str, words: str, text_input: str = "text", words_i
     if not wanted:
         raise checks.error(node, words_input, "no word given; write one or more comma-separated words of the "
                            "prompt, e.g. 'hand' or 'red hat, dog'.")
-    subs = _sub_tokenizers(clip)
+    subs = _context_encoders(_sub_tokenizers(clip))
     if not subs:
-        raise checks.error(node, "clip", "this CLIP has no CLIP-style tokenizer; word positions need an SD1.x, "
-                           "SD2.x or SDXL text encoder.")
+        raise checks.error(node, "clip", "this CLIP has no tokenizer this node can read; word positions need an "
+                           "SD1.x, SD2.x, SDXL, SD3 or Flux text encoder.")
     prompt = clip.tokenize(text)
     per_encoder = {}
     for key, sub in subs.items():
@@ -82,12 +93,6 @@ def token_indices(clip, text: str, words: str, text_input: str = "text", words_i
     return layouts[0]
 
 
-def prompt_length(clip, text: str) -> int:
-    """The number of context tokens the UNet sees for ``text`` (all chunks)."""
-    prompt = clip.tokenize(text)
-    return len(_ids(next(iter(prompt.values()))))
-
-
 class PromptTokenIndices(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -99,8 +104,9 @@ class PromptTokenIndices(io.ComfyNode):
                          "words (MasaCtrl's source_tokens / target_tokens). Index 0 is the start token; "
                          "prompts longer than 75 tokens count on through the following 77-token chunks."),
             inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt (SD1.x, SD2.x or SDXL); its "
-                              "tokenizer decides where the words land."),
+                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt (SD1.x, SD2.x, SDXL; SD3 and "
+                              "Flux for ConsiStory); its tokenizer decides where the words land (Flux: T5's "
+                              "tokens, the first word is 0)."),
                 io.String.Input("text", multiline=True, default="",
                                 tooltip="The prompt, exactly as given to CLIP Text Encode."),
                 io.String.Input("words", default="",

@@ -13,7 +13,10 @@ require_host()
 import comfy.sd  # noqa: E402
 import comfy.sd1_clip  # noqa: E402
 import comfy.sdxl_clip  # noqa: E402
+import comfy.text_encoders.flux  # noqa: E402
+import comfy.text_encoders.sd3_clip  # noqa: E402
 
+import tiny_dit_models as tdm  # noqa: E402
 import tiny_models as tm  # noqa: E402
 from consistent_synthesis.attention import heatmap  # noqa: E402
 from consistent_synthesis.nodes import cross_attention_mask as mask_node  # noqa: E402
@@ -21,7 +24,8 @@ from consistent_synthesis.nodes.cross_attention_mask import CrossAttentionMask  
 from consistent_synthesis.nodes.prompt_tokens import PromptTokenIndices  # noqa: E402
 from sync_counter import HostSyncCounter  # noqa: E402
 
-TOKENIZERS = {"sd15": comfy.sd1_clip.SD1Tokenizer, "sdxl": comfy.sdxl_clip.SDXLTokenizer}
+TOKENIZERS = {"sd15": comfy.sd1_clip.SD1Tokenizer, "sdxl": comfy.sdxl_clip.SDXLTokenizer,
+              "flux": comfy.text_encoders.flux.FluxTokenizer, "sd3": comfy.text_encoders.sd3_clip.SD3Tokenizer}
 
 
 def tokenizer_clip(kind="sd15", seed=0):
@@ -32,7 +36,10 @@ def tokenizer_clip(kind="sd15", seed=0):
     clip.tokenizer_options = {}
 
     def encode(tokens, **kwargs):
-        length = sum(len(chunk) for chunk in next(iter(tokens.values())))
+        length = {"flux": lambda: len(tokens["t5xxl"][0]), "sd3": lambda: 77 + len(tokens["t5xxl"][0])}.get(
+            kind, lambda: sum(len(chunk) for chunk in next(iter(tokens.values()))))()  # the context's tokens
+        if kind in ("flux", "sd3"):
+            return tdm.conditioning(kind, tokens=length, seed=seed)
         return tm.conditioning(kind, tokens=length, seed=seed)
     clip.encode_from_tokens_scheduled = encode
     return clip
@@ -40,6 +47,13 @@ def tokenizer_clip(kind="sd15", seed=0):
 
 def indices(kind, text, words):
     return PromptTokenIndices.execute(tokenizer_clip(kind), text, words).result[0]
+
+
+def test_flux_counts_t5s_tokens_and_sd3_the_clip_tokens_its_context_starts_with():
+    """Flux's context is T5's tokens (no start token); SD3's starts with CLIP's 77 (L and G agree)."""
+    assert indices("flux", "photo of one dog", "dog") == "3"  # ▁photo ▁of ▁one ▁dog
+    assert indices("sd3", "photo of one dog", "dog") == "4"  # <start> photo of one dog
+    assert indices("flux", "A photo of a cute dog", "a") == "3, 4"  # T5 splits ' a' into '▁', 'a': both
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])

@@ -179,6 +179,8 @@ def test_workflow_runs_and_returns_images_of_the_requested_size(path, server, tm
     for node in prompt.values():  # 2 steps: MasaCtrl starts at the last one instead of after the run
         if node["class_type"] == "MasaCtrlAttentionPatch":
             node["inputs"]["start_step"] = min(node["inputs"]["start_step"], STEPS - 1)
+        if node["class_type"] == "ParticleInpaintKSampler":  # 2 particles: the full UNet on a CPU, x particles
+            node["inputs"]["particles"] = min(node["inputs"]["particles"], 2)
     log_start = len(server.log())
     try:
         result = client.run_prompt(server.url, prompt, tmp_path, timeout=900)

@@ -1,4 +1,4 @@
-"""StoryPrompts on the real host's CLIP tokenizers (SD1.5, SDXL): the official CLI's prompts, the subject
+"""StoryPrompts on the real host's tokenizers (SD1.5, SDXL, Flux's T5): the official CLI's prompts, the subject
 tokens per row as the official create_token_indices finds them, one conditioning row per setting."""
 
 import pytest
@@ -36,19 +36,21 @@ def test_prompts_are_the_official_clis():
         "A photo of a cute dog reading a book by the fire"]
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "flux"])
 def test_one_row_per_setting_with_the_subject_tokens(kind):
     encoded = []
     cond, tokens, count = StoryPrompts.execute(_clip(kind, encoded), "A photo of ", "a cute dog", SETTINGS,
                                                "dog, photo").result
     assert count == 3 and len(encoded) == 3
-    # <start> A photo of a cute dog: 'dog' is token 6, 'photo' token 2, in every prompt
-    assert tokens == "6, 2 | 6, 2 | 6, 2"
-    assert consistory.subject_token_groups(tokens) == ((6, 2), (6, 2), (6, 2))
+    # <start> A photo of a cute dog: 'dog' is token 6, 'photo' token 2, in every prompt; on Flux the
+    # context is T5's: ▁A ▁photo ▁of ▁ a ▁cute ▁dog, 'dog' 6 and 'photo' 1
+    expected = "6, 1" if kind == "flux" else "6, 2"
+    assert tokens == " | ".join([expected] * 3)
+    assert consistory.subject_token_groups(tokens) == (tuple(int(i) for i in expected.split(", ")),) * 3
     (rows, extra), = cond
     assert rows.shape[0] == 3 and [rows[i, 0, 0].item() for i in range(3)] == [0.0, 1.0, 2.0]
     assert PROMPT_ROWS not in extra
-    if kind == "sdxl":
+    if kind in ("sdxl", "flux"):
         assert extra["pooled_output"].shape[0] == 3
 
 

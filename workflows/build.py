@@ -128,6 +128,12 @@ NODE_SPECS: dict[str, NodeSpec] = {
          ("latent_image", "LATENT"), ("denoise", "FLOAT"), ("jump_length", "INT"), ("jump_n_sample", "INT"),
          ("resample_start", "FLOAT"), ("resample_end", "FLOAT")),
         (("LATENT", "LATENT"),), "RePaint KSampler", seed_widgets=("seed",)),
+    "ParticleInpaintKSampler": NodeSpec(
+        (("model", "MODEL"), ("seed", "INT"), ("steps", "INT"), ("cfg", "FLOAT"), ("sampler_name", "COMBO"),
+         ("scheduler", "COMBO"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+         ("latent_image", "LATENT"), ("denoise", "FLOAT"), ("particles", "INT"), ("resample_threshold", "FLOAT"),
+         ("resample_below", "FLOAT"), ("twisted", "BOOLEAN")),
+        (("LATENT", "LATENT"), ("particles", "LATENT")), "Particle Inpaint KSampler", seed_widgets=("seed",)),
     "FreeU": NodeSpec((("model", "MODEL"), ("b1", "FLOAT"), ("b2", "FLOAT"), ("s1", "FLOAT"), ("s2", "FLOAT")),
                       (("MODEL", "MODEL"),), "FreeU"),
     "StoryPrompts": NodeSpec(
@@ -504,6 +510,45 @@ def word_inpaint(name: str) -> Graph:
     return g
 
 
+def particle_outpaint(name: str) -> Graph:
+    """(c') The pose-edited outpaint with the particle sampler: the cropped person is padded below and
+    its skeleton completed (Pose Edit Outpaint), an openpose ControlNet shapes the new body, and
+    Particle Inpaint KSampler (SMCDiff: 8 particles weighted by the known region, one drawn by weight)
+    completes the canvas so the new part continues what the known part implies. Every particle is
+    saved too, heaviest first, to choose from."""
+    g = Graph(name, "Particle outpainting: the cropped person continues below the frame in the completed pose; 8 "
+                    "particles are weighted by how well they agree with the known pixels and one is drawn by "
+                    "weight, so the new body follows the known part. All particles are saved too, heaviest first.")
+    ckpt = g.add("CheckpointLoaderSimple", at=(0, 0), size=(320, 100), ckpt_name="v1-5-pruned-emaonly.safetensors")
+    image = g.add("LoadImage", "Person (cropped)", at=(0, 3), size=(320, 320), image=PERSON_IMAGE)
+    pose = g.add("PoseEditOutpaint", at=(1, 0), size=(340, 330), image=image[0], pad_left=0, pad_top=0,
+                 pad_right=0, pad_bottom=256, feathering=40, completion="auto", edits="")
+    positive = g.add("CLIPTextEncode", "Prompt", at=(1, 6), size=(360, 140), clip=ckpt[1],
+                     text="a photo of a woman in a red jacket and blue jeans, full body, standing")
+    negative = g.add("CLIPTextEncode", "Negative prompt", at=(1, 9), size=(360, 140), clip=ckpt[1], text=NEGATIVE)
+    controlnet = g.add("ControlNetLoader", at=(2, 8), size=(320, 60),
+                       control_net_name="control_v11p_sd15_openpose_fp16.safetensors")
+    control = g.add("ControlNetApplyAdvanced", at=(2, 4), size=(320, 190), positive=positive[0],
+                    negative=negative[0], control_net=controlnet[0], image=pose[2], strength=1.0, start_percent=0.0,
+                    end_percent=1.0)
+    encode = g.add("VAEEncode", at=(2, 0), size=(220, 50), pixels=pose[0], vae=ckpt[2])
+    canvas = g.add("SetLatentNoiseMask", "Canvas (mask = new area)", at=(2, 2), size=(240, 50), samples=encode[0],
+                   mask=pose[1])
+    sampler = g.add("ParticleInpaintKSampler", at=(3, 0), size=(320, 400), model=ckpt[0], seed=42, steps=20, cfg=7.5,
+                    sampler_name="euler_ancestral", scheduler="normal", positive=control[0], negative=control[1],
+                    latent_image=canvas[0], denoise=1.0, particles=8, resample_threshold=0.0, resample_below=1.0,
+                    twisted=False)
+    decode = g.add("VAEDecode", at=(4, 0), size=(220, 50), samples=sampler[0], vae=ckpt[2])
+    keep = g.add("ImageCompositeMasked", "Composite original pixels", at=(4, 2), size=(320, 160),
+                 destination=pose[0], source=decode[0], x=0, y=0, resize_source=False, mask=pose[1])
+    g.add("SaveImage", at=(5, 0), size=(420, 400), images=keep[0], filename_prefix=f"consistent-synthesis/{name}")
+    every = g.add("VAEDecode", "VAE Decode (every particle)", at=(4, 6), size=(220, 50), samples=sampler[1],
+                  vae=ckpt[2])
+    g.add("SaveImage", "Save Image (particles, heaviest first)", at=(5, 7), size=(420, 300), images=every[0],
+          filename_prefix=f"consistent-synthesis/{name}_particles")
+    return g
+
+
 STORY_SETTINGS = "sitting in the beach\nstanding in the snow\nplaying in the park\nin the circus"
 
 
@@ -586,6 +631,7 @@ WORKFLOWS = {
     "repaint_inpaint": lambda: repaint("repaint_inpaint", outpaint=False),
     "repaint_outpaint": lambda: repaint("repaint_outpaint", outpaint=True),
     "word_inpaint": lambda: word_inpaint("word_inpaint"),
+    "particle_outpaint": lambda: particle_outpaint("particle_outpaint"),
     "consistory_sd15": lambda: consistory("consistory_sd15", "v1-5-pruned-emaonly.safetensors", 512, "SD1.5", False),
     "consistory_sdxl": lambda: consistory("consistory_sdxl", "sd_xl_base_1.0.safetensors", 1024, "SDXL", True),
 }

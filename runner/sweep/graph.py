@@ -9,7 +9,7 @@ MASACTRL_PATCHES = ("MasaCtrlAttentionPatch",)
 # attention patches a sweep compares with the same graph without them: class -> the method's name
 PATCH_METHODS = {"MasaCtrlAttentionPatch": "MasaCtrl", "ConsiStoryAttentionPatch": "ConsiStory"}
 CONSISTORY_PATCHES = ("ConsiStoryAttentionPatch",)
-REPAINT_NODES = ("RePaintKSampler", "RePaintSampler")
+REPAINT_NODES = ("RePaintKSampler", "RePaintSampler", "ParticleInpaintKSampler", "ParticleInpaintSampler")
 OUTPUT_IMAGE_NODES = ("SaveImage", "PreviewImage")
 MASK_NODE, MASK_SAVE_NODE = "sweep_mask", "sweep_mask_save"  # what saves the mask RePaint sees
 
