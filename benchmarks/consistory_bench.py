@@ -22,9 +22,7 @@ against ``unpatched`` in the same process.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "testing"))
 
 import host  # noqa: E402
-from masactrl_bench import PeakMemory  # noqa: E402
+from masactrl_bench import fix_mmap_threshold, measure_runs  # noqa: E402
 
 
 def main() -> None:
@@ -47,9 +45,7 @@ def main() -> None:
                         help="comma-separated patched runs to compare with the unpatched one")
     parser.add_argument("--fp16", action="store_true", help="half precision (CUDA)")
     args = parser.parse_args()
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # A fixed threshold keeps glibc from caching freed large blocks, so RSS peaks are per run.
-        os.execve(sys.executable, [sys.executable] + sys.argv, os.environ | {"MALLOC_MMAP_THRESHOLD_": "1048576"})
+    fix_mmap_threshold()
 
     host.prepare(use_gpu=True)
 
@@ -58,7 +54,6 @@ def main() -> None:
 
     import tiny_models as tm
     from consistent_synthesis.nodes.consistory import patch_model
-    from sync_counter import count_host_syncs
 
     device = comfy.model_management.get_torch_device()
     dtype = torch.float16 if args.fp16 else torch.float32
@@ -84,25 +79,13 @@ def main() -> None:
         return comfy.sample.sample(m, noise, args.steps, 5.0, "ddim", "ddim_uniform", positive, negative, latent,
                                    disable_pbar=True, seed=0)
 
-    run(model)  # loads the weights and warms up kernels outside the measurements
-    results = {}
-    for name, m in configs.items():
-        run(m)
-        times = []
-        for _ in range(args.repeats):
-            with PeakMemory(device) as mem:
-                start = time.perf_counter()
-                run(m)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-        results[name] = (min(times), mem.mib, count_host_syncs(lambda: run(m), device))
+    results = measure_runs(configs, run, device, args.repeats)
 
-    base_time, base_mem, _ = results["unpatched"]
+    base_time, base_mem, _, _ = results["unpatched"]
     print(f"{args.model} on {device}, {dtype}, {args.size}px, N = {args.images} images x cond/uncond, "
           f"{args.steps} ddim steps, cfg 5")
     print(f"{'run':<15} {'time s':>8} {'x time':>7} {'peak MiB':>9} {'x peak':>7} {'host syncs':>11}")
-    for name, (t, mib, syncs) in results.items():
+    for name, (t, mib, _, syncs) in results.items():
         ratio_mem = mib / base_mem if base_mem > 0 else float("nan")
         print(f"{name:<15} {t:8.2f} {t / base_time:7.2f} {mib:9.0f} {ratio_mem:7.2f} {syncs:11d}")
 

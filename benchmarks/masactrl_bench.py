@@ -69,6 +69,34 @@ class PeakMemory:
         self.mib = (peak - self.base) / 2**20
 
 
+def fix_mmap_threshold() -> None:
+    """Re-run this script with glibc's mmap threshold fixed, so freed large blocks leave the process and
+    the CPU's resident-set peaks are per run."""
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.execve(sys.executable, [sys.executable] + sys.argv, os.environ | {"MALLOC_MMAP_THRESHOLD_": "1048576"})
+
+
+def measure_runs(configs: dict, run, device, repeats: int) -> dict:
+    """name -> (best time s, peak MiB, the last output, host syncs) of ``run(model)`` for every model in
+    ``configs``; the first is run once more before, to load the weights and warm up kernels."""
+    from sync_counter import count_host_syncs
+
+    run(next(iter(configs.values())))
+    results = {}
+    for name, m in configs.items():
+        run(m)
+        times = []
+        for _ in range(repeats):
+            with PeakMemory(device) as mem:
+                start = time.perf_counter()
+                out = run(m)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        results[name] = (min(times), mem.mib, out, count_host_syncs(lambda: run(m), device))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("sd15", "sdxl"), default="sd15")
@@ -82,9 +110,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (best is kept)")
     parser.add_argument("--fp16", action="store_true", help="half precision (CUDA)")
     args = parser.parse_args()
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # A fixed threshold keeps glibc from caching freed large blocks, so RSS peaks are per run.
-        os.execve(sys.executable, [sys.executable] + sys.argv, os.environ | {"MALLOC_MMAP_THRESHOLD_": "1048576"})
+    fix_mmap_threshold()
 
     host.prepare(use_gpu=True)
 
@@ -94,7 +120,6 @@ def main() -> None:
     import tiny_models as tm
     from consistent_synthesis.attention.masactrl import naive_attention
     from consistent_synthesis.nodes.masactrl import patch_model
-    from sync_counter import count_host_syncs
 
     device = comfy.model_management.get_torch_device()
     dtype = torch.float16 if args.fp16 else torch.float32
@@ -128,19 +153,7 @@ def main() -> None:
         return comfy.sample.sample(m, noise, args.steps, 5.0, "euler", "normal", positive, negative, latent,
                                    disable_pbar=True, seed=0)
 
-    run(model)  # loads the weights and warms up kernels outside the measurements
-    results = {}
-    for name, m in configs.items():
-        run(m)
-        times = []
-        for _ in range(args.repeats):
-            with PeakMemory(device) as mem:
-                start = time.perf_counter()
-                out = run(m)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-        results[name] = (min(times), mem.mib, out, count_host_syncs(lambda: run(m), device))
+    results = measure_runs(configs, run, device, args.repeats)
 
     base_time, base_mem, _, _ = results["unpatched"]
     print(f"{kind} on {device}, {dtype}, {args.size}px, batch {batch} (1 source + {args.targets} targets) x "

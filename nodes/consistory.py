@@ -89,7 +89,7 @@ def _map_recorder(settings: ConsiStorySettings):
     return on_maps
 
 
-def _copy_control(control):
+def copy_control(control):
     """The host's UNet pops ControlNet residuals as it uses them: the vanilla call gets its own lists."""
     if not isinstance(control, dict):
         return control
@@ -109,7 +109,7 @@ def _diffusion_model_wrapper(settings: ConsiStorySettings):
         if run.wants_vanilla_call(steps):
             run.caching = True
             try:
-                executor(x, timesteps, context, y, _copy_control(control), transformer_options, **kwargs)
+                executor(x, timesteps, context, y, copy_control(control), transformer_options, **kwargs)
             finally:
                 run.caching = False
             run.vanilla_done(steps)
@@ -120,7 +120,7 @@ def _diffusion_model_wrapper(settings: ConsiStorySettings):
     return wrapper
 
 
-def _check_run(settings: ConsiStorySettings, latent: torch.Tensor, positive) -> None:
+def check_run(settings: ConsiStorySettings, latent: torch.Tensor, positive) -> None:
     """Refuse, before any step, what the batch or the prompts make impossible."""
     batch = latent.shape[0]
     if settings.sharing == "consistory" and settings.anchors > batch:
@@ -163,7 +163,7 @@ def _outer_sample_wrapper(settings: ConsiStorySettings, layer_count: int):
     def wrapper(executor, *args, **kwargs):
         latent, sigmas = args[1], args[3]
         conds = getattr(getattr(executor, "class_obj", None), "conds", None) or {}
-        _check_run(settings, latent, conds.get("positive"))
+        check_run(settings, latent, conds.get("positive"))
         steps = len(sigmas) - 1
         end = settings.window.end(steps)
         logging.info("%s: %s shared self-attention on steps %d-%d of %d in %d of %d self-attention layers%s.",

@@ -40,7 +40,7 @@ from ..attention.consistory import ConsiStorySettings
 from ..samplers import run_context, step_clock
 from . import checks, masactrl_dit
 from . import run_context as run_context_nodes
-from .consistory import _check_run, _copy_control
+from .consistory import check_run, copy_control
 
 NODE = "ConsiStoryAttentionPatch"
 KEY = "consistent_synthesis.consistory_dit"
@@ -84,16 +84,7 @@ class _Override:
         self.share, self.record, self.previous = share, record, previous
 
     def __call__(self, func, *args, **kwargs):
-        q, k, v = args[:3]
-        rest = args[3:]
-        heads = rest[0] if rest else kwargs.pop("heads")
-        rest = rest[1:]
-        call = func if self.previous is None else (lambda *a, **kw: self.previous(func, *a, **kw))
-        # Flux hands (b, heads, n, d) with skip_reshape; SD3 hands q, k as (b, n, heads * d), v as (b, n, heads, d).
-        if not kwargs.get("skip_reshape", False):
-            b, n, inner = q.shape
-            q, k, v = (t.reshape(b, t.shape[1], heads, inner // heads).transpose(1, 2) for t in (q, k, v))
-            kwargs["skip_reshape"] = True
+        q, k, v, heads, rest, call = masactrl_dit.attention_arguments(func, args, kwargs, self.previous)
         image_start = q.shape[2] - self.image_tokens
         if image_start < 0:  # not an attention over this block's tokens
             return call(q, k, v, heads, *rest, **kwargs)
@@ -175,7 +166,7 @@ def _apply_model_wrapper(settings: ConsiStorySettings, patch_size: int):
         if run.wants_vanilla_call(steps):
             vanilla = list(args)
             if len(vanilla) > 2:
-                vanilla[2] = _copy_control(vanilla[2])
+                vanilla[2] = copy_control(vanilla[2])
             run.caching = True
             try:
                 executor(x, t, *vanilla, **kwargs)
@@ -193,7 +184,7 @@ def _outer_sample_wrapper(settings: ConsiStorySettings, count: int, maps: int):
     def wrapper(executor, *args, **kwargs):
         latent, sigmas = args[1], args[3]
         conds = getattr(getattr(executor, "class_obj", None), "conds", None) or {}
-        _check_run(settings, latent, conds.get("positive"))
+        check_run(settings, latent, conds.get("positive"))
         steps = len(sigmas) - 1
         logging.info("%s: %s shared joint attention (image tokens) on steps %d-%d of %d in %d of %d blocks%s%s.",
                      NODE, settings.sharing, settings.window.start_step, settings.window.end(steps) - 1, steps,

@@ -350,7 +350,7 @@ def _load_wrapper(settings: ConsiStorySettings, subject: Subject, layer_count: i
         _check_cached_run(subject, settings, latent, sigmas, guider)
         # the patch's own checks (masks, tokens) for a batch of new images only: no anchor is in it
         conds = getattr(guider, "conds", None) or {}
-        consistory._check_run(dataclasses.replace(settings, anchors=1), latent, conds.get("positive"))
+        consistory.check_run(dataclasses.replace(settings, anchors=1), latent, conds.get("positive"))
         device = guider.model_patcher.load_device
         meta = subject.metadata
         logging.info("%s: %d new images attend to the %d cached anchors of %r on steps %d-%d in %d of %d "

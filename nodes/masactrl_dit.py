@@ -97,6 +97,24 @@ def host_has_hooks() -> bool:
             and takes_options(mmdit._block_mixing))
 
 
+def attention_arguments(func, args: tuple, kwargs: dict, previous=None):
+    """An attention override's call, read the same way for Flux and SD3: ``(q, k, v, heads, rest, call)``
+    with q, k, v as (b, heads, n, d) (Flux hands them so with ``skip_reshape``; SD3 hands q, k as
+    (b, n, heads * d) and v as (b, n, heads, d): reshaped here, ``kwargs['skip_reshape']`` set), the other
+    positional arguments, and the attention below this override (``previous`` around the host's ``func``).
+    ``kwargs`` is updated in place (``heads`` taken out) for ``call``."""
+    q, k, v = args[:3]
+    rest = args[3:]
+    heads = rest[0] if rest else kwargs.pop("heads")
+    rest = rest[1:]
+    call = func if previous is None else (lambda *a, **kw: previous(func, *a, **kw))
+    if not kwargs.get("skip_reshape", False):
+        b, n, inner = q.shape
+        q, k, v = (t.reshape(b, t.shape[1], heads, inner // heads).transpose(1, 2) for t in (q, k, v))
+        kwargs["skip_reshape"] = True
+    return q, k, v, heads, rest, call
+
+
 class _Override:
     """The attention override of one patched block call: joint MasaCtrl attention."""
 
@@ -107,16 +125,7 @@ class _Override:
         self.previous = previous
 
     def __call__(self, func, *args, **kwargs):
-        q, k, v = args[:3]
-        rest = args[3:]
-        heads = rest[0] if rest else kwargs.pop("heads")
-        rest = rest[1:]
-        call = func if self.previous is None else (lambda *a, **kw: self.previous(func, *a, **kw))
-        # Flux hands (b, heads, n, d) with skip_reshape; SD3 hands q, k as (b, n, heads * d), v as (b, n, heads, d).
-        if not kwargs.get("skip_reshape", False):
-            b, n, inner = q.shape
-            q, k, v = (t.reshape(b, t.shape[1], heads, inner // heads).transpose(1, 2) for t in (q, k, v))
-            kwargs["skip_reshape"] = True
+        q, k, v, heads, rest, call = attention_arguments(func, args, kwargs, self.previous)
         image_start = q.shape[2] - self.image_tokens
         if image_start < 0:  # not an attention over this block's tokens: leave it alone
             return call(q, k, v, heads, *rest, **kwargs)

@@ -14,9 +14,8 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..samplers import particle_inpaint as smc
-from ..samplers import repaint
 from . import checks, host_compat
-from .repaint import _mask_given_to_guider, check_mask_aspect
+from .repaint import check_mask_aspect, known_region_process, on_device_of
 
 NO_MASK = ("the latent has no noise_mask, so there is no known region to weight the particles by. Add one with "
            "Set Latent Noise Mask, VAE Encode (for Inpainting) or Pose Edit Outpaint (mask: 1 = generate, "
@@ -68,33 +67,19 @@ class ParticleInpaint(comfy.samplers.Sampler):
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
-        if denoise_mask is None:
-            raise checks.error(self.node, "latent_image", NO_MASK)
-        given = _mask_given_to_guider(self)
-        if given is not None:
-            check_mask_aspect(self.node, given.shape, latent_image.shape)
+        flow, noise_scale = known_region_process(
+            self, model_wrap, latent_image, denoise_mask,
+            "the particles' weights use the model's forward process ({sampling})", NO_MASK)
         model_sampling = model_wrap.inner_model.model_sampling
-        try:
-            flow, noise_scale = repaint.forward_process(model_sampling.noise_scaling)
-        except ValueError as e:
-            raise checks.error(self.node, "model", f"the particles' weights use the model's forward process "
-                               f"({type(model_sampling).__name__}), but {e}. Use a text-to-image model (SD1.x, "
-                               "SD2.x, SDXL, SD3, Flux, ...).") from None
         count, latents = self.settings.particles, noise.shape[0]
         checks.elements(self.node, "particles", count * noise.numel(), "the particles (particles x latent batch)")
         generator = torch.Generator(device="cpu").manual_seed(self.seed % 2**64)
 
-        def draw(values: torch.Tensor) -> torch.Tensor:
-            # drawn on the CPU (the same numbers on every device), copied without waiting for the device
-            if noise.device.type == "cuda":
-                return values.pin_memory().to(noise.device, noise.dtype, non_blocking=True)
-            return values.to(noise)
-
         def normal(shape):
-            return draw(torch.randn(shape, generator=generator, dtype=torch.float32))
+            return on_device_of(torch.randn(shape, generator=generator, dtype=torch.float32), noise)
 
         def uniform(shape):
-            return draw(torch.rand(shape, generator=generator, dtype=torch.float32))
+            return on_device_of(torch.rand(shape, generator=generator, dtype=torch.float32), noise)
 
         more = normal(((count - 1) * latents,) + tuple(noise.shape[1:])) if count > 1 else noise[:0]
         known = latent_image.to(noise)

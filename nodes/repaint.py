@@ -63,6 +63,33 @@ def _mask_given_to_guider(sampler) -> torch.Tensor | None:
     return None
 
 
+def known_region_process(sampler, model_wrap, latent_image, denoise_mask, why: str,
+                         no_mask: str = NO_MASK) -> tuple[bool, float]:
+    """What every inpainting SAMPLER checks before its first step (a noise_mask, with the aspect the user
+    gave it) and the model's forward process it re-noises the known region with: ``(flow, noise_scale)``.
+    ``why`` starts the error for a model without a usable forward process (``{sampling}`` names its
+    type); ``no_mask`` is the error for a latent without a noise_mask."""
+    if denoise_mask is None:
+        raise checks.error(sampler.node, "latent_image", no_mask)
+    given = _mask_given_to_guider(sampler)
+    if given is not None:
+        check_mask_aspect(sampler.node, given.shape, latent_image.shape)
+    model_sampling = model_wrap.inner_model.model_sampling
+    try:
+        return repaint.forward_process(model_sampling.noise_scaling)
+    except ValueError as e:
+        raise checks.error(sampler.node, "model", f"{why.format(sampling=type(model_sampling).__name__)}, but {e}. "
+                           "Use a text-to-image model (SD1.x, SD2.x, SDXL, SD3, Flux, ...).") from None
+
+
+def on_device_of(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Numbers drawn on the CPU (the same on every device), copied to ``like``'s device and dtype without
+    waiting for the device."""
+    if like.device.type == "cuda":
+        return values.pin_memory().to(like.device, like.dtype, non_blocking=True)
+    return values.to(like)
+
+
 class _KnownRegionDenoiser:
     """The model a k-diffusion sampler calls: the known region is a fresh draw from q(x_t | x_0)
     before every evaluation (paper Eq. 8), and the denoised known region is the known latent."""
@@ -121,18 +148,10 @@ class RePaint(comfy.samplers.Sampler):
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
-        if denoise_mask is None:
-            raise checks.error(self.node, "latent_image", NO_MASK)
-        given = _mask_given_to_guider(self)
-        if given is not None:
-            check_mask_aspect(self.node, given.shape, latent_image.shape)
+        flow, noise_scale = known_region_process(
+            self, model_wrap, latent_image, denoise_mask,
+            "RePaint re-noises the known region the way the model's sampling type ({sampling}) noises a latent")
         model_sampling = model_wrap.inner_model.model_sampling
-        try:
-            flow, noise_scale = repaint.forward_process(model_sampling.noise_scaling)
-        except ValueError as e:
-            raise checks.error(self.node, "model", f"RePaint re-noises the known region the way the model's "
-                               f"sampling type ({type(model_sampling).__name__}) noises a latent, but {e}. Use a "
-                               "text-to-image model (SD1.x, SD2.x, SDXL, SD3, Flux, ...).") from None
         steps = len(sigmas) - 1
         schedule = self.schedule(steps)
         denoise_steps = repaint.model_steps(schedule)
@@ -146,11 +165,7 @@ class RePaint(comfy.samplers.Sampler):
             generator = torch.Generator(device="cpu").manual_seed((seed + 1) % 2**64)
 
             def fresh_noise():
-                # drawn on the CPU (the same numbers on every device), copied without waiting for the device
-                draw = torch.randn(noise.shape, generator=generator, dtype=torch.float32)
-                if noise.device.type == "cuda":
-                    return draw.pin_memory().to(noise.device, noise.dtype, non_blocking=True)
-                return draw.to(noise)
+                return on_device_of(torch.randn(noise.shape, generator=generator, dtype=torch.float32), noise)
 
         counter = {"evaluations": 0, "steps_done": 0, "evaluations_done": 0}
 
