@@ -46,6 +46,10 @@ def tiny_dit(kind: str = "flux", seed: int = 0, device: str = "cpu",
         model_config = comfy.supported_models.SD3(dict(SD3_CONFIG))
         model = comfy.model_base.SD3(model_config)
     randomize(model, seed)
+    pos_embed = getattr(model.diffusion_model, "pos_embed", None)
+    if isinstance(pos_embed, torch.Tensor):  # SD3's buffer, left as torch.empty by the host (a checkpoint fills it)
+        with torch.no_grad():  # unset, it held whatever memory it got: NaN in some runs of the suite
+            pos_embed.copy_(torch.randn(pos_embed.shape, generator=torch.Generator().manual_seed(seed)) * 0.02)
     model.to(device=device, dtype=dtype)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device),
                                             offload_device=torch.device("cpu"))
