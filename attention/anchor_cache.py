@@ -17,25 +17,43 @@ concatenation), and nothing else: in the batch run a non-anchor image sees no ot
 the batch ``[anchors + new images]`` (``subject_driven_self_attention``), up to float rounding of
 the softmax over another key layout.
 
+With feature injection (the official ``anchor_cache_second_stage``), the file holds a second stage:
+the same keys and values from the second pass, the anchors' smoothed DIFT features and masks before
+dropout at the injection grid (``dift_cache``, ``anchors_last_mask``), and the anchors' conditional
+outputs of every injected layer call as their own injection left them (``h_out_cache``), at the
+tokens inside their masks only (``on_lent_outputs``: no other token is ever read).
+
 The one host read: storing only the lent tokens needs their count (``lent_token_index``), once per
 step and grid of the *saving* run (the full layout would be ~40 GB for SDXL at 1024 px and 50
-steps). A cached run reads nothing on the host: every shape comes from the stored tensors.
+steps), and once more per saving run for the injected outputs' tokens. A cached run reads nothing
+on the host: every shape comes from the stored tensors.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .feature_injection import FeatureInjector
 from .masactrl import sdpa_attention
 from .shared_attention import AttentionFn
 
-# Keys of the file's tensors: "<k|v>/<step>/<evaluation>/<layer>/<chunk>" and "keep/<step>/<h>x<w>".
+# Keys of the file's tensors: "<k|v>/<step>/<evaluation>/<layer>/<chunk>" and "keep/<step>/<h>x<w>"
+# (the first stage); the second stage, when saved, the same names after "injection/", and
+# "injection/out/<step>/<evaluation>/<layer>", "injection/dift", "injection/mask".
 KEY_SEPARATOR = "/"
+SECOND_STAGE = "injection" + KEY_SEPARATOR
+DIFT_NAME = SECOND_STAGE + "dift"
+MASK_NAME = SECOND_STAGE + "mask"
 
 
 def entry_name(kind: str, step: int, evaluation: int, layer: str, chunk: int) -> str:
     """The name of one cached K or V (``kind`` "k" or "v"); ``chunk``: 0 conditional, 1 unconditional."""
     return KEY_SEPARATOR.join((kind, str(step), str(evaluation), layer, str(chunk)))
+
+
+def output_name(step: int, evaluation: int, layer: str) -> str:
+    """The name of the anchors' injected outputs of one layer call (second stage, conditional rows)."""
+    return SECOND_STAGE + KEY_SEPARATOR.join(("out", str(step), str(evaluation), layer))
 
 
 def keep_name(step: int, height: int, width: int) -> str:
@@ -86,3 +104,16 @@ def attention_over_cached_anchors(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     keys = torch.cat([k.reshape(chunks, batch, tokens, width), cached_k], dim=2).reshape(rows, tokens + lent, width)
     values = torch.cat([v.reshape(chunks, batch, tokens, width), cached_v], dim=2).reshape(rows, tokens + lent, width)
     return attention(q, keys, values, heads)
+
+
+def on_lent_outputs(injector: FeatureInjector, anchor_masks: torch.Tensor) -> FeatureInjector:
+    """``injector`` (``FeatureInjector.from_anchor_nn_map``) reading the anchors' outputs as saved:
+    only the tokens inside the anchors' masks (``anchor_masks`` ``(anchors, tokens)``, row order of
+    ``lent_token_index``). A token is injected from an anchor token inside that anchor's mask only:
+    one outside is at distance 2, the largest, and the Otsu threshold of a row lies below its largest
+    value (or equals a constant row's value), so ``2 < threshold`` never holds. The rows are
+    renumbered on the device (a running count of the mask); the injected set stays the same."""
+    inside = anchor_masks.reshape(-1).to(device=injector.curr_nn_map.device, dtype=torch.bool)
+    row = (inside.long().cumsum(0) - 1).clamp_min(0)
+    return FeatureInjector(curr_nn_map=row[injector.curr_nn_map],
+                           final_mask_tgt=injector.final_mask_tgt & inside[injector.curr_nn_map])

@@ -30,6 +30,14 @@ The pieces, in the official names:
    before it (the official ``old_output = output``, its ``.clone()`` commented out): anchor 1 reads
    anchor 0 after anchor 0 took tokens from anchor 1.
 
+5. The cached mode (``run_extra_generation``): new images are mapped to saved anchors only
+   (``anchor_nn_map``: the anchors' smoothed DIFT features and masks kept by the run that made
+   them), each token takes its nearest anchor over all of them (``from_anchor_nn_map``: no image is
+   skipped), and ``inject_anchors`` blends in the anchors' outputs of that layer and step as the
+   saving run's own injection left them (``h_out_cache``). For a new image this is the batch rule
+   exactly: in a batch its ``extended_mapping`` row holds the anchors and itself (at infinite
+   distance), and the anchors are injected before it.
+
 Everything stays on the device: masks select with ``torch.where`` (no boolean indexing, so no
 shape depends on the data), nearest neighbours are ``argmin``/``gather``, the threshold is the
 device Otsu of ``shared_attention``. The host only reads shapes.
@@ -101,6 +109,22 @@ def gaussian_smooth(features: torch.Tensor, kernel_size: int = SMOOTH_KERNEL_SIZ
     return F.conv2d(features, weight, padding=kernel_size // 2, groups=channels)
 
 
+def _unit_tokens(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(batch, channels, h, w)`` -> ``(batch, tokens, channels)`` unit vectors at the grid ``size``
+    (``gen_nn_map``: bilinear resize, ``align_corners=False``; ``cos_dist`` normalises)."""
+    resized = F.interpolate(features.float(), size=size, mode="bilinear", align_corners=False)
+    return F.normalize(resized.flatten(2).transpose(1, 2), dim=-1)
+
+
+def _nearest(sources: torch.Tensor, outside: torch.Tensor, target: torch.Tensor):
+    """Each ``target`` token's nearest token of every source: ``sources`` ``(n, tokens, c)``, ``outside``
+    ``(n, tokens)`` (source tokens outside its mask, at distance 2), ``target`` ``(tokens, c)``."""
+    distances = 1 - sources @ target.T  # (sources, source tokens, target tokens): cos_dist
+    distances = torch.where(outside[:, :, None], torch.full_like(distances, OUTSIDE_MASK_DISTANCE), distances)
+    best, index = distances.min(dim=1)
+    return best, index
+
+
 def cyclic_nn_map(features: torch.Tensor, masks: torch.Tensor, size: tuple[int, int],
                   sources: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest-neighbour maps between the images' tokens (``cyclic_nn_map`` / ``gen_nn_map``).
@@ -115,21 +139,33 @@ def cyclic_nn_map(features: torch.Tensor, masks: torch.Tensor, size: tuple[int, 
     """
     batch = features.shape[0]
     sources = batch if sources is None else sources
-    resized = F.interpolate(features.float(), size=size, mode="bilinear", align_corners=False)
-    flat = F.normalize(resized.flatten(2).transpose(1, 2), dim=-1)  # (batch, tokens, channels)
+    flat = _unit_tokens(features, size)  # (batch, tokens, channels)
     tokens = flat.shape[1]
     outside = ~masks[:sources].to(device=flat.device, dtype=torch.bool)  # (sources, tokens)
     nn_map = torch.zeros(batch, sources, tokens, dtype=torch.long, device=flat.device)
     nn_distances = torch.full((batch, sources, tokens), float("inf"), device=flat.device)
     for i in range(batch):
-        distances = 1 - flat[:sources] @ flat[i].T  # (sources, source tokens, target tokens): cos_dist
-        distances = torch.where(outside[:, :, None], torch.full_like(distances, OUTSIDE_MASK_DISTANCE), distances)
-        best, index = distances.min(dim=1)
+        best, index = _nearest(flat[:sources], outside, flat[i])
         if i < sources:  # no map onto itself: the official loop skips i == j, leaving inf
             best[i] = float("inf")
             index[i] = 0
         nn_map[i], nn_distances[i] = index, best
     return nn_map, nn_distances
+
+
+def anchor_nn_map(features: torch.Tensor, anchor_features: torch.Tensor, anchor_masks: torch.Tensor,
+                  size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-neighbour maps from new images to cached anchors (the official ``anchor_nn_map`` of
+    ``run_extra_generation``): ``cyclic_nn_map``'s anchor columns, with the anchors' smoothed
+    features ``(anchors, channels, h, w)`` and masks ``(anchors, tokens)`` from the run that saved
+    them. Every (image, anchor) pair is mapped: a new image is never one of the anchors.
+    Returns ``nn_map`` and ``nn_distances``, ``(batch, anchors, tokens)``.
+    """
+    targets = _unit_tokens(features, size)
+    sources = _unit_tokens(anchor_features, size).to(targets.device)
+    outside = ~anchor_masks.to(device=targets.device, dtype=torch.bool)
+    found = [_nearest(sources, outside, targets[i]) for i in range(targets.shape[0])]
+    return torch.stack([index for _, index in found]), torch.stack([best for best, _ in found])
 
 
 def get_dynamic_threshold(distances: torch.Tensor) -> torch.Tensor:
@@ -158,18 +194,25 @@ class FeatureInjector:
         """``nn_map, nn_distances``: ``(batch, sources >= anchors, tokens)`` from ``cyclic_nn_map``;
         ``attn_masks``: ``(batch, tokens)`` bool, the subject masks before dropout (``last_mask``);
         ``anchors``: images ``0 .. anchors-1`` lend (``extended_mapping``)."""
-        batch, _, tokens = nn_distances.shape
+        batch = nn_distances.shape[0]
         anchors = max(0, min(anchors, batch))
-        distances = nn_distances[:, :anchors]  # the mapping's other columns are only image i itself: inf
-        min_dists = distances.argmin(dim=1, keepdim=True)  # (batch, 1, tokens): the nearest anchor
-        curr_nn_distances = distances.gather(1, min_dists).squeeze(1)
-        curr_nn_map = nn_map[:, :anchors].gather(1, min_dists).squeeze(1) + min_dists.squeeze(1) * tokens
-        dist_thr = get_dynamic_threshold(curr_nn_distances)
-        dist_mask = curr_nn_distances < dist_thr[:, None]
+        # the mapping's other columns are only image i itself: inf
+        curr_nn_map, dist_mask = _nearest_anchor(nn_map[:, :anchors], nn_distances[:, :anchors])
         # An image whose mapping row holds no other image is skipped: anchor 0 when it is the only anchor.
         image = torch.arange(batch, device=nn_distances.device)
         has_other = (anchors > 1) | (image >= anchors)
         final_mask_tgt = attn_masks.to(device=dist_mask.device, dtype=torch.bool) & dist_mask & has_other[:, None]
+        return cls(curr_nn_map=curr_nn_map, final_mask_tgt=final_mask_tgt)
+
+    @classmethod
+    def from_anchor_nn_map(cls, nn_map: torch.Tensor, nn_distances: torch.Tensor,
+                           attn_masks: torch.Tensor) -> "FeatureInjector":
+        """The cached mode's injector (official ``inject_anchors``): ``nn_map, nn_distances``
+        ``(batch, anchors, tokens)`` from ``anchor_nn_map``, ``attn_masks`` the new images' masks
+        before dropout. The nearest anchor per token over every cached anchor, then the same dynamic
+        threshold; no image is skipped (each has the anchors)."""
+        curr_nn_map, dist_mask = _nearest_anchor(nn_map, nn_distances)
+        final_mask_tgt = attn_masks.to(device=dist_mask.device, dtype=torch.bool) & dist_mask
         return cls(curr_nn_map=curr_nn_map, final_mask_tgt=final_mask_tgt)
 
     @property
@@ -188,3 +231,23 @@ class FeatureInjector:
             blended = alpha * other_outputs + (1 - alpha) * out[i]
             out[i] = torch.where(self.final_mask_tgt[i][:, None], blended, out[i])
         return out
+
+    def inject_anchors(self, output: torch.Tensor, anchor_outputs: torch.Tensor, alpha: float) -> torch.Tensor:
+        """The cached mode's blend (official ``inject_anchors``): ``output`` ``(batch, tokens,
+        channels)``, the new images' conditional rows; ``anchor_outputs`` ``(rows, channels)``, the
+        anchors' outputs of this layer and step as the saving run's injection left them, row
+        ``curr_nn_map`` for each token. The images read only the anchors, so their order is free."""
+        blended = alpha * anchor_outputs[self.curr_nn_map] + (1 - alpha) * output
+        return torch.where(self.final_mask_tgt[..., None], blended, output)
+
+
+def _nearest_anchor(nn_map: torch.Tensor, nn_distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``swap_strategy='min'``, ``dist_thr='dynamic'``: per token the nearest anchor (first on ties),
+    as the flat index ``anchor * tokens + token`` of its token, and whether that distance is below
+    the image's Otsu threshold (strict). ``nn_map, nn_distances``: ``(batch, anchors, tokens)``."""
+    tokens = nn_distances.shape[-1]
+    min_dists = nn_distances.argmin(dim=1, keepdim=True)  # (batch, 1, tokens): the nearest anchor
+    curr_nn_distances = nn_distances.gather(1, min_dists).squeeze(1)
+    curr_nn_map = nn_map.gather(1, min_dists).squeeze(1) + min_dists.squeeze(1) * tokens
+    dist_thr = get_dynamic_threshold(curr_nn_distances)
+    return curr_nn_map, curr_nn_distances < dist_thr[:, None]

@@ -1,8 +1,9 @@
 """A transcription of the official ConsiStory feature injection (NVlabs/consistory), the tests' reference.
 
 Written from ``utils/general_utils.py`` (``gaussian_smooth``, ``cos_dist``, ``gen_nn_map``,
-``cyclic_nn_map``, ``get_dynamic_threshold``) and ``consistory_utils.py``
-(``FeatureInjector.inject_outputs`` with ``swap_strategy='min'``, ``dist_thr='dynamic'``), keeping
+``cyclic_nn_map``, ``anchor_nn_map``, ``get_dynamic_threshold``) and ``consistory_utils.py``
+(``FeatureInjector.inject_outputs`` and, for cached anchors, ``inject_anchors``, with
+``swap_strategy='min'``, ``dist_thr='dynamic'``), keeping
 their mechanics, not the pack's: a Python loop over image pairs, boolean indexing, skimage's Otsu on
 the host, and the in-place update through ``old_output = output`` (its ``.clone()`` commented out).
 Only what the official code reads from ``self`` is passed as arguments; grids are square (``res``).
@@ -113,5 +114,51 @@ def inject_outputs(output, curr_iter, output_res, extended_mapping, nn_map, nn_d
             dist_mask = curr_nn_distances < dist_thr
             final_mask_tgt = attn_masks[i] & dist_mask
             other_outputs = old_output[curr_mapping][min_dists, curr_nn_map][final_mask_tgt]
+            output[i][final_mask_tgt] = alpha * other_outputs + (1 - alpha) * old_output[i][final_mask_tgt]
+    return output
+
+
+def anchor_nn_map(features, anchor_features, masks, anchor_masks, latent_resolutions, device):
+    """``utils/general_utils.anchor_nn_map``: new images (targets) to cached anchors (sources)."""
+    bsz = features.shape[0]
+    anchor_bsz = anchor_features.shape[0]
+    nn_map_dict = {}
+    nn_distances_dict = {}
+    for tgt_size in latent_resolutions:
+        nn_map = torch.empty(bsz, anchor_bsz, tgt_size ** 2, dtype=torch.long, device=device)
+        nn_distances = torch.full((bsz, anchor_bsz, tgt_size ** 2), float('inf'), dtype=features.dtype, device=device)
+        for i in range(bsz):
+            for j in range(anchor_bsz):
+                nearest_neighbor_indices, nearest_neighbor_distances = gen_nn_map(
+                    anchor_features[j], anchor_masks[tgt_size][j], features[i], masks[tgt_size][i], device,
+                    batch_size=None, tgt_size=tgt_size)
+                nn_map[i, j] = nearest_neighbor_indices
+                nn_distances[i, j] = nearest_neighbor_distances
+        nn_map_dict[tgt_size] = nn_map
+        nn_distances_dict[tgt_size] = nn_distances
+    return nn_map_dict, nn_distances_dict
+
+
+def inject_anchors(output, curr_iter, output_res, nn_map, nn_distances, attn_masks, inject_range_alpha,
+                   anchor_outputs):
+    """``FeatureInjector.inject_anchors`` ('min', 'dynamic'); ``anchor_outputs`` is
+    ``anchors_cache.h_out_cache[place_in_unet][curr_iter]``, ``(anchors, tokens, channels)``."""
+    bsz = output.shape[0]
+    nn_map = nn_map[output_res]
+    nn_distances = nn_distances[output_res]
+    attn_masks = attn_masks[output_res]
+    vector_dim = output_res ** 2
+    alpha = next((alpha for min_range, max_range, alpha in inject_range_alpha
+                  if min_range <= curr_iter <= max_range), None)
+    if alpha:
+        old_output = output
+        for i in range(bsz):
+            min_dists = nn_distances[i].argmin(dim=0)
+            curr_nn_map = nn_map[i][min_dists, torch.arange(vector_dim)]
+            curr_nn_distances = nn_distances[i][min_dists, torch.arange(vector_dim)]
+            dist_thr = get_dynamic_threshold(curr_nn_distances)
+            dist_mask = curr_nn_distances < dist_thr
+            final_mask_tgt = attn_masks[i] & dist_mask
+            other_outputs = anchor_outputs[min_dists, curr_nn_map][final_mask_tgt]
             output[i][final_mask_tgt] = alpha * other_outputs + (1 - alpha) * old_output[i][final_mask_tgt]
     return output

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import official_consistory_injection as official
-from consistent_synthesis.attention import feature_injection as FI
+from consistent_synthesis.attention import anchor_cache, feature_injection as FI
 from sync_counter import count_host_syncs
 
 RES, CHANNELS, OUT_CHANNELS = 8, 12, 16  # an 8x8 injection grid
@@ -44,8 +44,9 @@ def official_injection(feats, masks, output, anchors, step=5, steps=50):
                                    [(steps // 10, steps // 3, 0.8)])
 
 
-def ours(feats, masks, output, anchors, alpha=0.8):
-    nn_map, nn_distances = FI.cyclic_nn_map(FI.gaussian_smooth(feats), masks, (RES, RES), sources=anchors)
+def ours(feats, masks, output, anchors, alpha=0.8, smoothed=False):
+    smoothed = feats if smoothed else FI.gaussian_smooth(feats)
+    nn_map, nn_distances = FI.cyclic_nn_map(smoothed, masks, (RES, RES), sources=anchors)
     injector = FI.FeatureInjector.from_nn_map(nn_map, nn_distances, masks, anchors)
     return injector.inject_outputs(output, alpha), injector
 
@@ -215,3 +216,58 @@ def test_other_grids_than_square():
     a, b = F.normalize(resized[2], dim=-1), F.normalize(resized[0], dim=-1)
     distances = torch.where(masks[0][:, None], 1 - b @ a.T, torch.tensor(2.0))
     torch.testing.assert_close(nn_distances[2, 0], distances.min(dim=0).values, rtol=0, atol=1e-6)
+
+
+# -- the cached mode: new images injected from saved anchors (official anchor_nn_map, inject_anchors) --
+
+
+def cached_case(new, anchors, seed):
+    """New images' and anchors' smoothed features, masks and outputs, drawn as one batch."""
+    feats = FI.gaussian_smooth(features(anchors + new, seed))
+    masks, output = blob_masks(anchors + new, seed + 10), layer_output(anchors + new, seed + 20)
+    return (feats[anchors:], masks[anchors:], output[anchors:]), (feats[:anchors], masks[:anchors], output[:anchors])
+
+
+@pytest.mark.parametrize("new, anchors, seed", [(1, 2, 0), (3, 2, 1), (2, 1, 2), (2, 3, 3)])
+def test_cached_injection_equals_the_official_anchor_nn_map_and_inject_anchors(new, anchors, seed):
+    (feats, masks, output), (a_feats, a_masks, a_output) = cached_case(new, anchors, seed)
+    nn_map, nn_distances = official.anchor_nn_map(feats, a_feats, {RES: masks}, {RES: a_masks}, [RES],
+                                                  torch.device("cpu"))
+    got_map, got_distances = FI.anchor_nn_map(feats, a_feats, a_masks, (RES, RES))
+    assert torch.equal(got_map, nn_map[RES])
+    torch.testing.assert_close(got_distances, nn_distances[RES], rtol=0, atol=1e-6)
+    expected = official.inject_anchors(output.clone(), 5, RES, nn_map, nn_distances, {RES: masks}, [(5, 16, 0.8)],
+                                       a_output)
+    injector = FI.FeatureInjector.from_anchor_nn_map(got_map, got_distances, masks)
+    assert injector.final_mask_tgt.any()  # one anchor too: a new image is never skipped
+    torch.testing.assert_close(injector.inject_anchors(output, a_output.reshape(-1, OUT_CHANNELS), 0.8), expected,
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cached_injection_is_the_batch_injection_of_the_new_rows(seed):
+    # Batch mode maps a non-anchor image to the anchors only (extended_mapping): the same rule
+    (feats, masks, output), (a_feats, a_masks, a_output) = cached_case(2, 2, seed)
+    batch_out, _ = ours(torch.cat([a_feats, feats]), torch.cat([a_masks, masks]), torch.cat([a_output, output]),
+                        anchors=2, smoothed=True)
+    injector = FI.FeatureInjector.from_anchor_nn_map(*FI.anchor_nn_map(feats, a_feats, a_masks, (RES, RES)), masks)
+    # the anchors' rows as the batch's own injection left them: what the saving run keeps
+    cached = injector.inject_anchors(output, batch_out[:2].reshape(-1, OUT_CHANNELS), 0.8)
+    assert torch.equal(cached, batch_out[2:])
+
+
+@pytest.mark.parametrize("empty_anchor", [None, 0])
+def test_anchor_outputs_kept_inside_their_masks_inject_the_same(empty_anchor):
+    (feats, masks, output), (a_feats, a_masks, a_output) = cached_case(3, 2, 4)
+    if empty_anchor is not None:
+        a_masks[empty_anchor] = False
+    injector = FI.FeatureInjector.from_anchor_nn_map(*FI.anchor_nn_map(feats, a_feats, a_masks, (RES, RES)), masks)
+    full = injector.inject_anchors(output, a_output.reshape(-1, OUT_CHANNELS), 0.8)
+    lent = a_output.reshape(-1, OUT_CHANNELS)[a_masks.reshape(-1)]
+    compact = anchor_cache.on_lent_outputs(injector, a_masks)
+    assert torch.equal(compact.final_mask_tgt, injector.final_mask_tgt) and injector.final_mask_tgt.any()
+    assert torch.equal(compact.inject_anchors(output, lent, 0.8), full)
+    cpu = torch.device("cpu")
+    assert count_host_syncs(lambda: FI.anchor_nn_map(feats, a_feats, a_masks, (RES, RES)), cpu) == 0
+    assert count_host_syncs(lambda: anchor_cache.on_lent_outputs(injector, a_masks), cpu) == 0
+    assert count_host_syncs(lambda: compact.inject_anchors(output, lent, 0.8), cpu) == 0
