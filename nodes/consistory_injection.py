@@ -17,6 +17,15 @@ with the same latents:
 
 The wrapper is the one place that knows which pass runs; what a pass needs lives in that pass's run
 context, so nothing survives the prompt.
+
+With a saved subject (the official cached mode, ``run_anchor_generation`` / ``run_extra_generation``),
+ConsiStory Save or Load Subject's wrapper runs outside this one (those nodes order the two wrappers
+so, whichever node comes first) and files its state in the first pass's context under
+``SUBJECT_KEY``; this wrapper hands it to the second pass (``SubjectStages.second_pass``: the second
+stage of the file). Saving (``SavingAnchors``): the anchors' smoothed DIFT features and masks are
+kept after the first pass, their injected outputs in the second. Loading (``CachedAnchors``): the
+new images are mapped to the file's anchors (``anchor_nn_map``) and blend in the anchors' saved
+outputs (``inject_anchors``); the batch holds only new images.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import comfy.patcher_extension
 from comfy.ldm.modules.diffusionmodules.openaimodel import Upsample
 from comfy_api.latest import io
 
-from ..attention import feature_injection as fi
+from ..attention import anchor_cache, feature_injection as fi
 from ..attention.consistory import ConsiStorySettings
 from ..attention.cross_attention import map_size
 from ..attention.layer_selection import StepWindow
@@ -41,6 +50,7 @@ from . import run_context as run_context_nodes
 
 NODE = "ConsiStoryFeatureInjection"
 KEY = "consistent_synthesis.consistory_injection"
+SUBJECT_KEY = "consistent_synthesis.consistory_injection_subject"
 INJECTION_BLOCKS = ("input", "output")  # the official inject_unet_parts=['up', 'down']
 
 _error = functools.partial(checks.error, NODE)
@@ -64,12 +74,71 @@ class Recording:
     features: torch.Tensor | None = None
 
 
+class SubjectStages:
+    """A saved subject taking part in both passes (ConsiStory Save / Load Subject): filed in the first
+    pass's context under ``(SUBJECT_KEY, consistory settings)`` by ``join``."""
+
+    def second_pass(self, context) -> None:
+        """The second pass begins in ``context`` (a fresh one): file there what its layers read, and
+        switch to the file's second stage."""
+        raise NotImplementedError
+
+
+class SavingAnchors(SubjectStages):
+    """Save Subject: keeps what the cached mode's second stage needs of the batch's anchors."""
+
+    def first_pass_done(self, features: torch.Tensor, masks: torch.Tensor, description: dict) -> None:
+        """The anchors' smoothed DIFT features ``(anchors, c, h, w)`` and masks before dropout
+        ``(anchors, tokens)`` at the injection grid; ``description``: the stage's settings, for the file."""
+        raise NotImplementedError
+
+    def injected(self, rows: torch.Tensor, options: dict) -> None:
+        """One injected layer call's conditional rows after injection (the anchors first)."""
+        raise NotImplementedError
+
+
+class CachedAnchors(SubjectStages):
+    """Load Subject: the anchors are in a file; the batch holds only new images."""
+
+    def anchor_features(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The anchors' smoothed DIFT features and masks, as ``SavingAnchors.first_pass_done`` got them."""
+        raise NotImplementedError
+
+    def anchor_outputs(self, options: dict) -> torch.Tensor | None:
+        """The anchors' injected outputs of this layer call, at their mask tokens only (the rows of
+        ``anchor_cache.on_lent_outputs``); None where the saving run made no such call."""
+        raise NotImplementedError
+
+
+def carried_by(model) -> bool:
+    """Whether ``model`` carries this node's two passes (alpha 0 adds nothing: one pass)."""
+    return KEY in model.wrappers.get(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, {})
+
+
+def run_inside(patched) -> None:
+    """Moves this node's sampler wrapper after the others on ``patched`` (wrappers run in the order of
+    their keys): a saved subject's wrapper, added after it, must run outside both passes."""
+    outer_sample = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+    wrappers = list(patched.get_wrappers(outer_sample, KEY))
+    if wrappers:
+        patched.remove_wrappers_with_key(outer_sample, KEY)
+        for wrapper in wrappers:
+            patched.add_wrapper_with_key(outer_sample, KEY, wrapper)
+
+
+def join(context, settings: ConsiStorySettings, stages: SubjectStages) -> SubjectStages:
+    """Files ``stages`` for this run's feature injection; returns what is filed (another subject's
+    stages when one was filed first)."""
+    return context.state((SUBJECT_KEY, settings), lambda: stages)
+
+
 @dataclass(eq=False)
 class Injecting:
-    """The second pass: one ``FeatureInjector`` per grid it acts at, and its steps."""
+    """The second pass: one ``FeatureInjector`` per grid it acts at, its steps, and the saved subject."""
 
     window: StepWindow
     injectors: dict = field(default_factory=dict)
+    subject: SubjectStages | None = None
 
 
 def _state(options: dict, settings: InjectionSettings):
@@ -127,8 +196,17 @@ def _output_patch(settings: InjectionSettings):
         rows = _cond_rows(extra_options, injector.batch, n.shape[0])
         if rows is None:
             return n
+        if isinstance(state.subject, CachedAnchors):
+            anchor_outputs = state.subject.anchor_outputs(extra_options)
+            if anchor_outputs is None:
+                return n
+            injected = injector.inject_anchors(n[rows], anchor_outputs.to(n.dtype), settings.alpha)
+        else:
+            injected = injector.inject_outputs(n[rows], settings.alpha)
+            if isinstance(state.subject, SavingAnchors):
+                state.subject.injected(injected, extra_options)
         out = n.clone()
-        out[rows] = injector.inject_outputs(n[rows], settings.alpha)
+        out[rows] = injected
         return out
     inject.settings = settings
     return inject
@@ -139,19 +217,27 @@ def injection_grid(height: int, width: int) -> tuple[int, int]:
     return -(-height // 2), -(-width // 2)
 
 
-def _injectors(context, settings: InjectionSettings, recording: Recording, latent_shape) -> dict:
+def _injectors(context, settings: InjectionSettings, recording: Recording, latent_shape, subject,
+               description: dict) -> dict:
     """The injectors of the second pass from the first pass's context; empty when nothing was recorded."""
     run = context.peek((consistory.KEY, settings.consistory))
     if recording.features is None or run is None:
         return {}
-    features = recording.features
     height, width = latent_shape[-2:]
     grid = injection_grid(height, width)
-    masks = run.last_mask(*grid, map_size(height, width), features.device)
+    masks = run.last_mask(*grid, map_size(height, width), recording.features.device)
     if masks is None:
         return {}
+    features = fi.gaussian_smooth(recording.features)
+    if isinstance(subject, CachedAnchors):  # run_extra_generation: to the saved anchors only
+        anchor_features, anchor_masks = subject.anchor_features(features.device)
+        nn_map, nn_distances = fi.anchor_nn_map(features, anchor_features, anchor_masks, grid)
+        injector = fi.FeatureInjector.from_anchor_nn_map(nn_map, nn_distances, masks)
+        return {grid: anchor_cache.on_lent_outputs(injector, anchor_masks)}
     anchors = min(settings.consistory.anchors, recording.batch)
-    nn_map, nn_distances = fi.cyclic_nn_map(fi.gaussian_smooth(features), masks, grid, sources=anchors)
+    nn_map, nn_distances = fi.cyclic_nn_map(features, masks, grid, sources=anchors)
+    if isinstance(subject, SavingAnchors):  # run_anchor_generation's dift_cache and anchors_last_mask
+        subject.first_pass_done(features[:anchors], masks[:anchors], description | dict(grid=list(grid)))
     return {grid: fi.FeatureInjector.from_nn_map(nn_map, nn_distances, masks, anchors)}
 
 
@@ -172,10 +258,12 @@ def _outer_sample_wrapper(settings: InjectionSettings):
         dift_step = fi.dift_step(sigmas.tolist(), dift_sigma)
         first, last = fi.injection_steps(steps)
         conds = _conds_copy(getattr(guider, "conds", None) or {})
+        description = dict(alpha=settings.alpha, dift_step=dift_step, steps=[first, last])
         with run_context_nodes.opened(options) as first_context:
             recording = first_context.state((KEY, settings), lambda: Recording(dift_step, latent.shape[0]))
+            subject = first_context.peek((SUBJECT_KEY, settings.consistory))
             first_pass = executor(*args, **kwargs)
-            injectors = _injectors(first_context, settings, recording, latent.shape)
+            injectors = _injectors(first_context, settings, recording, latent.shape, subject, description)
         if not injectors:
             logging.warning("%s: no DIFT features or subject masks were recorded in the first pass (step %d of %d); "
                             "the images are those of ConsiStory without feature injection.", NODE, dift_step, steps)
@@ -185,7 +273,9 @@ def _outer_sample_wrapper(settings: InjectionSettings):
         guider.conds = _conds_copy(conds)  # the first pass consumed its processed copies
         previous = options.get(run_context.KEY)
         second_context = options[run_context.KEY] = run_context.RunContext()
-        second_context.state((KEY, settings), lambda: Injecting(StepWindow(first, last + 1), injectors))
+        if subject is not None:
+            subject.second_pass(second_context)
+        second_context.state((KEY, settings), lambda: Injecting(StepWindow(first, last + 1), injectors, subject))
         try:
             return executor(*args, **kwargs)
         finally:
@@ -252,7 +342,9 @@ class ConsiStoryFeatureInjection(io.ComfyNode):
             description=("ConsiStory's second pass: the sampler runs twice with the same noise. The first run finds, "
                          "from the decoder's features (DIFT), which anchor pixel matches each subject pixel; the "
                          "second blends those matches into each image's self-attention output, so textures and "
-                         "small parts stay the same across the story. Costs a second sampling run."),
+                         "small parts stay the same across the story. Costs a second sampling run. With ConsiStory "
+                         "Save Subject on the model the subject file keeps both passes; with Load Subject the new "
+                         "images take the detail of the saved anchors (a subject saved with Feature Injection)."),
             inputs=[
                 io.Model.Input("model", tooltip="The model from ConsiStory Attention Patch (token_sharing "
                                "'consistory'); a clone is patched."),

@@ -19,7 +19,7 @@ import folder_paths  # noqa: E402
 
 import tiny_models as tm  # noqa: E402
 from consistent_synthesis.attention import anchor_cache as ac  # noqa: E402
-from consistent_synthesis.nodes import consistory, consistory_injection, consistory_subject as node  # noqa: E402
+from consistent_synthesis.nodes import consistory, consistory_subject as node, consistory_subject_file  # noqa: E402
 from sync_counter import HostSyncCounter  # noqa: E402
 
 ANCHORS, SIDE, STEPS, CFG = 2, 16, 4, 5.0
@@ -97,13 +97,13 @@ def test_cached_anchors_give_the_new_prompts_row_of_the_batch_run(sd15, subjects
 
 def test_the_file_holds_what_the_run_lent_and_round_trips(sd15, subjects, monkeypatch):
     written = {}
-    original = node.save_file
+    original = consistory_subject_file.save_file
 
     def spy(tensors, path, metadata=None):
         written.update(tensors=dict(tensors), metadata=dict(metadata))
         return original(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(node, "save_file", spy)
+    monkeypatch.setattr(consistory_subject_file, "save_file", spy)
     name, _ = _save(sd15)
     subject = node.read_subject(folder_paths.get_full_path(node.FOLDER, name), name)
     assert subject.tensors.keys() == written["tensors"].keys()
@@ -205,12 +205,3 @@ def test_cached_generation_adds_no_host_sync_and_saving_one_per_step_and_grid(sd
     assert counted.total - baseline.total <= 0, counted.report()
     assert saved.total - plain_anchors.total == lent and lent > 0, saved.report()
 
-
-def test_feature_injection_with_a_subject_is_refused_before_sampling(sd15, subjects):
-    saved, _ = _save(sd15)
-    injected_after = consistory_injection.patch_model(_load(sd15, saved))
-    with pytest.raises(ValueError, match="ConsiStoryLoadSubject: input 'model': .*Feature Injection"):
-        _sample(injected_after, NEW)
-    saving = node.save_subject(consistory_injection.patch_model(_patch(sd15, slice(0, ANCHORS), False)))
-    with pytest.raises(ValueError, match="ConsiStorySaveSubject: input 'model': .*Feature Injection"):
-        _sample(saving, slice(0, ANCHORS))
