@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,7 @@ from consistent_synthesis.runner.server import LocalServer  # noqa: E402
 API_FILES = sorted((REPO / "workflows" / "api").glob("*.json"))
 WIDTH, HEIGHT, STEPS = 128, 64, 2  # non-square, so a swapped width and height is caught
 TIMINGS: dict[str, float] = {}
+SAVED = "ConsiStorySaveSubject: 2 anchors' subject and Feature Injection's second stage over"  # its log line
 
 
 def _build_module():
@@ -170,24 +172,13 @@ def test_ui_workflow_converts_to_the_shipped_api_workflow(path):
 def test_workflow_runs_and_returns_images_of_the_requested_size(path, server, tmp_path):
     from PIL import Image
 
-    prompt = workflow.load(path)
+    prompt = _small(workflow.load(path))
     if _is_sdxl(prompt) and os.environ.get("CS_E2E_SKIP_SDXL") == "1":
         pytest.skip("SDXL end-to-end skipped by CS_E2E_SKIP_SDXL=1 (needs about 20 GB of RAM on the CPU)")
-    prompt = workflow.override(prompt, width=WIDTH, height=HEIGHT, steps=STEPS)
-    # every model here is a random stand-in; FLUX.1's block list is moved onto the reduced-depth one
-    prompt = random_models.fit_to_stand_ins(prompt, workflow.model_refs(prompt))
-    for node in prompt.values():  # 2 steps: MasaCtrl starts at the last one instead of after the run
-        if node["class_type"] == "MasaCtrlAttentionPatch":
-            node["inputs"]["start_step"] = min(node["inputs"]["start_step"], STEPS - 1)
-        if node["class_type"] == "ParticleInpaintKSampler":  # 2 particles: the full UNet on a CPU, x particles
-            node["inputs"]["particles"] = min(node["inputs"]["particles"], 2)
+    if any(n["class_type"] == "ConsiStoryLoadSubject" for n in prompt.values()):
+        _save_the_subject(server, tmp_path)  # the file this workflow names comes from consistory_subject_save
     log_start = len(server.log())
-    try:
-        result = client.run_prompt(server.url, prompt, tmp_path, timeout=900)
-    except (client.PromptFailed, client.PromptRejected) as e:
-        pytest.fail(f"{e}\n--- server log ---\n{server.log()[-6000:]}", pytrace=False)
-    finally:
-        _free(server)
+    result = _run(server, prompt, tmp_path)
     TIMINGS[path.stem] = result.seconds
     savers = [i for i, n in prompt.items() if n["class_type"] == "SaveImage"]
     assert savers and all(result.outputs.get(i, {}).get("images") for i in savers), result.outputs
@@ -204,8 +195,18 @@ def test_workflow_runs_and_returns_images_of_the_requested_size(path, server, tm
         assert len(images) == batch[0] * len(savers)
     if any(n["class_type"] == "ConsiStoryAttentionPatch" for n in prompt.values()):
         log = server.log()[log_start:]
-        assert f"ConsiStoryAttentionPatch: consistory shared self-attention on steps 1-1 of {STEPS}" in log, \
-            log[-3000:]
+        flux = any(random_models.guess_kind(r.folder, r.name) == "flux_reduced" for r in workflow.model_refs(prompt))
+        blocks = sum(random_models.FLUX_STAND_IN_DEPTH.values())
+        shared = (f"shared joint attention (image tokens) on steps 1-1 of {STEPS} in "  # 'up': the single blocks
+                  f"{random_models.FLUX_STAND_IN_DEPTH['depth_single_blocks']} of {blocks} blocks" if flux
+                  else f"shared self-attention on steps 1-1 of {STEPS}")
+        if not any(n["class_type"] == "ConsiStoryLoadSubject" for n in prompt.values()):  # it takes the run over
+            assert f"ConsiStoryAttentionPatch: consistory {shared}" in log, log[-3000:]
+        said = {"ConsiStorySaveSubject": SAVED,
+                "ConsiStoryLoadSubject": "ConsiStoryLoadSubject: 2 new images attend to the 2 cached anchors",
+                "ConsiStoryFeatureInjection": "ConsiStoryFeatureInjection: "}
+        for kind in {n["class_type"] for n in prompt.values()} & set(said):
+            assert said[kind] in log, log[-3000:]
     patches = [n["inputs"] for n in prompt.values() if n["class_type"] == "MasaCtrlAttentionPatch"]
     if patches:  # the patch said what it patched in this run (UNet layers, or Flux blocks by number)
         log = server.log()[log_start:]
@@ -213,6 +214,40 @@ def test_workflow_runs_and_returns_images_of_the_requested_size(path, server, tm
         if any(random_models.guess_kind(r.folder, r.name) == "flux_reduced" for r in workflow.model_refs(prompt)):
             blocks = sum(random_models.FLUX_STAND_IN_DEPTH.values())
             assert f"joint attention on steps 0-1 of {STEPS}, blocks {patches[0]['layers']} of {blocks}." in log, log[-3000:]
+
+
+def _small(prompt: dict) -> dict:
+    """The prompt at the test's size and steps, on the random stand-ins."""
+    prompt = workflow.override(prompt, width=WIDTH, height=HEIGHT, steps=STEPS)
+    # every model here is a random stand-in; FLUX.1's block list is moved onto the reduced-depth one
+    prompt = random_models.fit_to_stand_ins(prompt, workflow.model_refs(prompt))
+    for node in prompt.values():  # 2 steps: MasaCtrl starts at the last one instead of after the run
+        if node["class_type"] == "MasaCtrlAttentionPatch":
+            node["inputs"]["start_step"] = min(node["inputs"]["start_step"], STEPS - 1)
+        if node["class_type"] == "ParticleInpaintKSampler":  # 2 particles: the full UNet on a CPU, x particles
+            node["inputs"]["particles"] = min(node["inputs"]["particles"], 2)
+    return prompt
+
+
+def _run(server, prompt: dict, folder: Path):
+    try:
+        return client.run_prompt(server.url, prompt, folder, timeout=900)
+    except (client.PromptFailed, client.PromptRejected) as e:
+        pytest.fail(f"{e}\n--- server log ---\n{server.log()[-6000:]}", pytrace=False)
+    finally:
+        _free(server)
+
+
+def _save_the_subject(server, tmp_path: Path) -> None:
+    """Runs consistory_subject_save once on this server, so the subject file of the reuse workflow exists."""
+    if "consistory_subject_save (for the reuse workflow)" in TIMINGS:
+        return
+    saving = _small(workflow.load(REPO / "workflows" / "api" / "consistory_subject_save.json"))
+    folder = tmp_path / "saving"
+    folder.mkdir()
+    log_start = len(server.log())
+    TIMINGS["consistory_subject_save (for the reuse workflow)"] = _run(server, saving, folder).seconds
+    assert SAVED in server.log()[log_start:], server.log()[-3000:]
 
 
 def _masactrl_prompt() -> tuple[dict, str]:

@@ -188,6 +188,29 @@ def test_a_consistory_sweep_over_mask_dropout_has_one_consistory_off_reference()
     assert main_output(STORY) == save
 
 
+@pytest.mark.parametrize("name, later", [
+    ("consistory_sdxl_injection", {"ConsiStoryFeatureInjection"}),
+    ("consistory_subject_save", {"ConsiStoryFeatureInjection", "ConsiStorySaveSubject"}),
+    ("consistory_subject_reuse", {"ConsiStoryFeatureInjection", "ConsiStoryLoadSubject"})])
+def test_consistory_off_also_drops_the_nodes_that_need_the_patch(name, later):
+    """Feature injection and saved subjects refuse a model without ConsiStory: the reference cell goes
+    without them, its sampler reading the model from before the patch."""
+    story = workflow.load(REPO / "workflows" / "api" / f"{name}.json")
+    patch, sampler = _node(story, "ConsiStoryAttentionPatch"), _node(story, "KSampler")
+    chain, node = [], story[sampler]["inputs"]["model"][0]  # the sampler's model, back to the patch
+    while node != patch:
+        chain.append(story[node]["class_type"])
+        node = story[node]["inputs"]["model"][0]
+    assert set(chain) == later
+    cells, references = make_cells(story, parse_axes(story, ["mask_dropout=0,1"]), name)
+    off = references[0].prompt
+    assert [r.key for r in references] == ["consistory-off"]
+    assert off[sampler]["inputs"]["model"] == story[patch]["inputs"]["model"]
+    assert {n["class_type"] for n in off.values()} == {n["class_type"] for n in story.values()} - {
+        "ConsiStoryAttentionPatch"} - later
+    assert all(c.prompt[sampler]["inputs"] == story[sampler]["inputs"] for c in cells)
+
+
 def test_consistory_metrics_compare_the_later_images_with_the_anchors_and_the_patch_off(tmp_path):
     """histdist_to_anchors: mean colour distance of every non-anchor image to every anchor (the reference
     cell gets it too, as the baseline); *_to_consistory_off: each image against itself without the patch."""

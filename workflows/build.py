@@ -73,7 +73,8 @@ NODE_SPECS: dict[str, NodeSpec] = {
     "ConditioningZeroOut": NodeSpec((("conditioning", "CONDITIONING"),), (("CONDITIONING", "CONDITIONING"),),
                                     "ConditioningZeroOut"),
     "EmptySD3LatentImage": NodeSpec(
-        (("width", "INT"), ("height", "INT"), ("batch_size", "INT")), (("LATENT", "LATENT"),), "EmptySD3LatentImage"),
+        (("width", "INT"), ("height", "INT"), ("batch_size", "INT")), (("LATENT", "LATENT"),), "EmptySD3LatentImage",
+        widget_defaults=(("batch_size", 1),)),
     "MasaCtrlAttentionPatch": NodeSpec(
         (("model", "MODEL"), ("start_step", "INT"), ("start_layer", "INT"), ("end_step", "INT"),
          ("end_layer", "INT"), ("mode", "COMBO"), ("source_index", "INT"), ("source_mask", "MASK"),
@@ -146,6 +147,12 @@ NODE_SPECS: dict[str, NodeSpec] = {
          ("token_sharing", "COMBO"), ("subject_masks", "MASK")),
         (("MODEL", "MODEL"),), "ConsiStory Attention Patch", seed_widgets=("seed",), optional=("subject_masks",),
         widget_defaults=(("subject_tokens", ""),)),
+    "ConsiStoryFeatureInjection": NodeSpec((("model", "MODEL"), ("alpha", "FLOAT")), (("MODEL", "MODEL"),),
+                                           "ConsiStory Feature Injection"),
+    "ConsiStorySaveSubject": NodeSpec((("model", "MODEL"), ("filename_prefix", "STRING")), (("MODEL", "MODEL"),),
+                                      "ConsiStory Save Subject"),
+    "ConsiStoryLoadSubject": NodeSpec((("model", "MODEL"), ("subject", "COMBO")), (("MODEL", "MODEL"),),
+                                      "ConsiStory Load Subject"),
 }
 
 # Where users get the files the workflows name (shown by the frontend's missing-models dialog).
@@ -552,36 +559,122 @@ def particle_outpaint(name: str) -> Graph:
 STORY_SETTINGS = "sitting in the beach\nstanding in the snow\nplaying in the park\nin the circus"
 
 
-def consistory(name: str, checkpoint: str, size: int, family: str, sdxl: bool) -> Graph:
+def consistory(name: str, checkpoint: str, size: int, family: str, sdxl: bool, injection: bool = False,
+               save: bool = False) -> Graph:
     """(e) ConsiStory: one subject across a batch of prompts, from text alone. Story Prompts types the
     story once (official CLI: style + subject + one setting per line); the first two images are the
     anchors whose subject every image attends to; 50 DDIM steps. SDXL as the official run: CFG 5,
     a zero negative (diffusers' SDXL zeroes an empty negative prompt) and FreeU (s1 0.6, s2 0.4,
-    b1 1.1, b2 1.2); SD1.5 has no official settings: CFG 7.5 with an empty negative prompt, no FreeU."""
-    g = Graph(name, f"ConsiStory ({family}): the same subject in every setting line of Story Prompts, from text "
-                    "alone. The first two images are the anchors that define the subject's identity (keep their "
-                    "settings simple); lower mask_dropout for a closer identity, raise it for more varied poses.")
+    b1 1.1, b2 1.2); SD1.5 has no official settings: CFG 7.5 with an empty negative prompt, no FreeU.
+    ``injection``: the official second pass (feature injection) after the shared attention, as the
+    official run script does by default; ``save``: the anchors are also written as a reusable subject."""
+    description = (f"ConsiStory ({family}): the same subject in every setting line of Story Prompts, from text "
+                   "alone. The first two images are the anchors that define the subject's identity (keep their "
+                   "settings simple); lower mask_dropout for a closer identity, raise it for more varied poses.")
+    if injection:
+        description += (" Feature Injection runs the sampler twice (the official second pass): in the second, each "
+                        "image's subject takes its nearest anchor's features, so textures and small parts match.")
+    if save:
+        description += (" Save Subject writes the anchors to models/consistory_subjects when the sampler ends; "
+                        "consistory_subject_reuse draws new settings of this subject from that file.")
+    g = Graph(name, description)
     ckpt = g.add("CheckpointLoaderSimple", at=(0, 0), size=(320, 100), ckpt_name=checkpoint)
     story = g.add("StoryPrompts", at=(1, 0), size=(350, 330), clip=ckpt[1], style="A photo of ",
                   subject="a cute dog", settings=STORY_SETTINGS, subject_words="dog")
-    if sdxl:
-        negative = g.add("ConditioningZeroOut", "Negative (zero, as the official SDXL run)", at=(1, 6.5),
-                         size=(350, 30), conditioning=story[0])
-        model = g.add("FreeU", "FreeU (official ConsiStory settings)", at=(0, 3), size=(320, 130), model=ckpt[0],
-                      b1=1.1, b2=1.2, s1=0.6, s2=0.4)[0]
-    else:
-        negative = g.add("CLIPTextEncode", "Negative prompt (empty)", at=(1, 6.5), size=(350, 100), clip=ckpt[1],
-                         text="")
-        model = ckpt[0]
+    model, negative = _consistory_model(g, ckpt, story, sdxl)
     empty = g.add("EmptyLatentImage", "Empty Latent Image (one per setting)", at=(2, 0), size=(320, 110),
                   width=size, height=size, batch_size=story[2])
     patch = g.add("ConsiStoryAttentionPatch", at=(2, 3), size=(340, 300), model=model, anchors=2,
                   mask_dropout=0.5, seed=40, start_step=1, end_step=-1, blocks="up", share_queries=True,
                   subject_tokens=story[1], token_sharing="consistory")
-    sampler = g.add("KSampler", at=(3, 0), size=(320, 270), model=patch[0], seed=40, steps=50,
-                    cfg=5.0 if sdxl else 7.5, sampler_name="ddim", scheduler="ddim_uniform", positive=story[0],
-                    negative=negative[0], latent_image=empty[0], denoise=1.0)
-    decode = g.add("VAEDecode", at=(4, 0), size=(220, 50), samples=sampler[0], vae=ckpt[2])
+    model = patch[0]
+    if injection:
+        model = g.add("ConsiStoryFeatureInjection", at=(2, 9.5), size=(340, 60), model=model, alpha=0.8)[0]
+    if save:
+        model = g.add("ConsiStorySaveSubject", at=(2, 11), size=(340, 60), model=model,
+                      filename_prefix=SUBJECT_PREFIX)[0]
+    _consistory_sampling(g, name, model, story[0], negative, empty, ckpt[2], cfg=5.0 if sdxl else 7.5)
+    return g
+
+
+SUBJECT_PREFIX = "consistory_subject"  # ConsiStory Save Subject appends _00001, _00002, ...
+REUSE_SETTINGS = "reading a book in a library\nsailing on a small boat"
+
+
+def consistory_reuse(name: str, checkpoint: str, size: int, family: str, sdxl: bool) -> Graph:
+    """(e') A saved ConsiStory subject in new settings (the official cached mode, ``run_extra_generation``,
+    both stages as its default ``perform_injection``): the batch holds only the new settings; every
+    image attends to the anchors saved by ``consistory_subject_save`` and, in the second pass, takes
+    their injected features; the same model, size, steps and scheduler as the saving run."""
+    g = Graph(name, f"ConsiStory ({family}) with a saved subject: run consistory_subject_save once, then draw new "
+                    "settings of its subject here; the anchors are read from the file instead of being generated "
+                    "again, and Feature Injection takes their details from the file too. Keep the model, size, steps, "
+                    "scheduler and ConsiStory Attention Patch's blocks and steps of the saving run (a mismatch is "
+                    "refused).")
+    ckpt = g.add("CheckpointLoaderSimple", at=(0, 0), size=(320, 100), ckpt_name=checkpoint)
+    story = g.add("StoryPrompts", at=(1, 0), size=(350, 330), clip=ckpt[1], style="A photo of ",
+                  subject="a cute dog", settings=REUSE_SETTINGS, subject_words="dog")
+    model, negative = _consistory_model(g, ckpt, story, sdxl)
+    empty = g.add("EmptyLatentImage", "Empty Latent Image (one per setting)", at=(2, 0), size=(320, 110),
+                  width=size, height=size, batch_size=story[2])
+    patch = g.add("ConsiStoryAttentionPatch", "ConsiStory Attention Patch (as when saved)", at=(2, 3),
+                  size=(340, 300), model=model, anchors=2, mask_dropout=0.5, seed=40, start_step=1, end_step=-1,
+                  blocks="up", share_queries=True, subject_tokens=story[1], token_sharing="consistory")
+    injection = g.add("ConsiStoryFeatureInjection", at=(2, 9.5), size=(340, 60), model=patch[0], alpha=0.8)
+    load = g.add("ConsiStoryLoadSubject", at=(2, 11), size=(340, 60), model=injection[0],
+                 subject=f"{SUBJECT_PREFIX}_00001.safetensors")
+    _consistory_sampling(g, name, load[0], story[0], negative, empty, ckpt[2], cfg=5.0 if sdxl else 7.5)
+    return g
+
+
+def _consistory_model(g: Graph, ckpt: Node, story: Node, sdxl: bool) -> tuple:
+    """The model and negative of the official run: SDXL with FreeU and a zero negative, SD1.5 plain."""
+    if sdxl:
+        negative = g.add("ConditioningZeroOut", "Negative (zero, as the official SDXL run)", at=(1, 6.5),
+                         size=(350, 30), conditioning=story[0])
+        model = g.add("FreeU", "FreeU (official ConsiStory settings)", at=(0, 3), size=(320, 130), model=ckpt[0],
+                      b1=1.1, b2=1.2, s1=0.6, s2=0.4)[0]
+        return model, negative[0]
+    negative = g.add("CLIPTextEncode", "Negative prompt (empty)", at=(1, 6.5), size=(350, 100), clip=ckpt[1], text="")
+    return ckpt[0], negative[0]
+
+
+def _consistory_sampling(g: Graph, name: str, model, positive, negative, latent: Node, vae, cfg: float) -> None:
+    """The official sampling (50 DDIM steps, seed 40), decoded and saved."""
+    sampler = g.add("KSampler", at=(3, 0), size=(320, 270), model=model, seed=40, steps=50, cfg=cfg,
+                    sampler_name="ddim", scheduler="ddim_uniform", positive=positive, negative=negative,
+                    latent_image=latent[0], denoise=1.0)
+    decode = g.add("VAEDecode", at=(4, 0), size=(220, 50), samples=sampler[0], vae=vae)
+    g.add("SaveImage", at=(4, 2), size=(520, 400), images=decode[0], filename_prefix=f"consistent-synthesis/{name}")
+
+
+def consistory_flux(name: str) -> Graph:
+    """(e'') ConsiStory on FLUX.1-dev (no official Flux setting exists): shared attention over the image
+    tokens of the single-stream blocks (the decoder's analogue), from step 1, the official anchors,
+    dropout and vanilla queries; FLUX.1-dev's own sampling (28 euler steps, guidance 3.5, cfg 1).
+    Story Prompts' token indices follow Flux's T5 context."""
+    g = Graph(name, "ConsiStory on FLUX.1-dev: the same subject in every setting line of Story Prompts, from text "
+                    "alone. The image tokens of Flux's single-stream blocks attend to the anchors' subject (text "
+                    "tokens are never shared). Guidance is set once for the batch, after Story Prompts.")
+    unet = g.add("UNETLoader", at=(0, 0), size=(320, 90), unet_name="flux1-dev.safetensors", weight_dtype="default")
+    clip = g.add("DualCLIPLoader", at=(0, 2.5), size=(320, 130), clip_name1="clip_l.safetensors",
+                 clip_name2="t5xxl_fp8_e4m3fn.safetensors", type="flux")
+    vae = g.add("VAELoader", at=(0, 6), size=(320, 60), vae_name="ae.safetensors")
+    story = g.add("StoryPrompts", at=(1, 0), size=(350, 330), clip=clip[0], style="A photo of ",
+                  subject="a cute dog", settings=STORY_SETTINGS, subject_words="dog")
+    guided = g.add("FluxGuidance", at=(1, 6.5), size=(350, 60), conditioning=story[0], guidance=3.5)
+    # cfg 1: FLUX.1-dev is guidance-distilled, so the negative is never evaluated
+    negative = g.add("ConditioningZeroOut", "Negative (unused at cfg 1)", at=(1, 8.5), size=(350, 30),
+                     conditioning=story[0])
+    empty = g.add("EmptySD3LatentImage", "Empty Latent Image (one per setting)", at=(2, 0), size=(320, 110),
+                  width=1024, height=1024, batch_size=story[2])
+    patch = g.add("ConsiStoryAttentionPatch", at=(2, 3), size=(340, 300), model=unet[0], anchors=2,
+                  mask_dropout=0.5, seed=40, start_step=1, end_step=-1, blocks="up", share_queries=True,
+                  subject_tokens=story[1], token_sharing="consistory")
+    sampler = g.add("KSampler", at=(3, 0), size=(320, 270), model=patch[0], seed=40, steps=28, cfg=1.0,
+                    sampler_name="euler", scheduler="simple", positive=guided[0], negative=negative[0],
+                    latent_image=empty[0], denoise=1.0)
+    decode = g.add("VAEDecode", at=(4, 0), size=(220, 50), samples=sampler[0], vae=vae[0])
     g.add("SaveImage", at=(4, 2), size=(520, 400), images=decode[0], filename_prefix=f"consistent-synthesis/{name}")
     return g
 
@@ -634,6 +727,13 @@ WORKFLOWS = {
     "particle_outpaint": lambda: particle_outpaint("particle_outpaint"),
     "consistory_sd15": lambda: consistory("consistory_sd15", "v1-5-pruned-emaonly.safetensors", 512, "SD1.5", False),
     "consistory_sdxl": lambda: consistory("consistory_sdxl", "sd_xl_base_1.0.safetensors", 1024, "SDXL", True),
+    "consistory_sdxl_injection": lambda: consistory("consistory_sdxl_injection", "sd_xl_base_1.0.safetensors", 1024,
+                                                    "SDXL", True, injection=True),
+    "consistory_flux": lambda: consistory_flux("consistory_flux"),
+    "consistory_subject_save": lambda: consistory("consistory_subject_save", "v1-5-pruned-emaonly.safetensors", 512,
+                                                  "SD1.5", False, injection=True, save=True),
+    "consistory_subject_reuse": lambda: consistory_reuse("consistory_subject_reuse", "v1-5-pruned-emaonly.safetensors",
+                                                         512, "SD1.5", False),
 }
 
 

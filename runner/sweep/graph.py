@@ -7,7 +7,10 @@ import copy
 
 MASACTRL_PATCHES = ("MasaCtrlAttentionPatch",)
 # attention patches a sweep compares with the same graph without them: class -> the method's name
-PATCH_METHODS = {"MasaCtrlAttentionPatch": "MasaCtrl", "ConsiStoryAttentionPatch": "ConsiStory"}
+# (ConsiStory's later nodes need the patch before them, so they go with it)
+PATCH_METHODS = {"MasaCtrlAttentionPatch": "MasaCtrl", "ConsiStoryAttentionPatch": "ConsiStory",
+                 "ConsiStoryFeatureInjection": "ConsiStory", "ConsiStorySaveSubject": "ConsiStory",
+                 "ConsiStoryLoadSubject": "ConsiStory"}
 CONSISTORY_PATCHES = ("ConsiStoryAttentionPatch",)
 REPAINT_NODES = ("RePaintKSampler", "RePaintSampler", "ParticleInpaintKSampler", "ParticleInpaintSampler")
 OUTPUT_IMAGE_NODES = ("SaveImage", "PreviewImage")
