@@ -591,7 +591,7 @@ def consistory(name: str, checkpoint: str, size: int, family: str, sdxl: bool, i
     if injection:
         model = g.add("ConsiStoryFeatureInjection", at=(2, 9.5), size=(340, 60), model=model, alpha=0.8)[0]
     if save:
-        model = g.add("ConsiStorySaveSubject", at=(2, 11), size=(340, 60), model=model,
+        model = g.add("ConsiStorySaveSubject", at=(2, 11.5), size=(340, 60), model=model,
                       filename_prefix=SUBJECT_PREFIX)[0]
     _consistory_sampling(g, name, model, story[0], negative, empty, ckpt[2], cfg=5.0 if sdxl else 7.5)
     return g
@@ -621,7 +621,7 @@ def consistory_reuse(name: str, checkpoint: str, size: int, family: str, sdxl: b
                   size=(340, 300), model=model, anchors=2, mask_dropout=0.5, seed=40, start_step=1, end_step=-1,
                   blocks="up", share_queries=True, subject_tokens=story[1], token_sharing="consistory")
     injection = g.add("ConsiStoryFeatureInjection", at=(2, 9.5), size=(340, 60), model=patch[0], alpha=0.8)
-    load = g.add("ConsiStoryLoadSubject", at=(2, 11), size=(340, 60), model=injection[0],
+    load = g.add("ConsiStoryLoadSubject", at=(2, 11.5), size=(340, 60), model=injection[0],
                  subject=f"{SUBJECT_PREFIX}_00001.safetensors")
     _consistory_sampling(g, name, load[0], story[0], negative, empty, ckpt[2], cfg=5.0 if sdxl else 7.5)
     return g
