@@ -57,7 +57,7 @@ def main() -> None:
     import comfy.sample
 
     import tiny_models as tm
-    from consistent_synthesis.nodes import consistory_injection, consistory_subject
+    from consistent_synthesis.nodes import consistory_injection
     from consistent_synthesis.nodes.consistory import patch_model
 
     device = comfy.model_management.get_torch_device()
@@ -92,12 +92,13 @@ def main() -> None:
 
     configs = {"unpatched": (model, every)}
     for name in wanted:
+        if name == "cached":
+            configs[name] = (_cached_subject(model, patches[name], anchors, run), slice(anchors, args.images))
+            continue
         patched = patch_model(model, anchors=anchors, **patches[name])
         if name == "injection":
             patched = consistory_injection.patch_model(patched)
-        if name == "cached":
-            patched = _cached_subject(model, patched, patches[name], anchors, run, consistory_subject, patch_model)
-        configs[name] = (patched, every if name != "cached" else slice(anchors, args.images))
+        configs[name] = (patched, every)
 
     results = measure_runs(configs, run, device, args.repeats)
 
@@ -115,12 +116,15 @@ def main() -> None:
               f"{syncs:11d}")
 
 
-def _cached_subject(model, patched, settings: dict, anchors: int, run, subject_node, patch_model):
+def _cached_subject(model, settings: dict, anchors: int, run):
     """``model`` behind the patch and ConsiStoryLoadSubject, with the anchors (rows 0 .. anchors-1 of the
     batch, their own subject tokens) sampled once through ConsiStorySaveSubject into a temporary folder."""
     import tempfile
 
     import folder_paths
+
+    from consistent_synthesis.nodes import consistory_subject as subject_node
+    from consistent_synthesis.nodes.consistory import patch_model
 
     folder = tempfile.mkdtemp(prefix="consistory_bench_")
     folder_paths.folder_names_and_paths[subject_node.FOLDER] = ([folder], {".safetensors"})
@@ -131,6 +135,7 @@ def _cached_subject(model, patched, settings: dict, anchors: int, run, subject_n
     subject = subject_node.read_subject(folder_paths.get_full_path(subject_node.FOLDER, name), name)
     new = patch_model(model, anchors=anchors, **(settings | {"subject_tokens": " | ".join(tokens[anchors:])}))
     return subject_node.load_subject(new, subject)
+
 
 if __name__ == "__main__":
     main()
